@@ -1,0 +1,113 @@
+"""Pieces every config file shares: the argument parser and the keys the trainer loop reads.
+
+A config file defines `get_config(arg)`; `arg` is the text after the colon in
+`--config=configs/vit.py:tiny,variant=S/16`: a preset name, then `key=value` options that the
+file declares. Every other key is overridden with `--config.a.b=value`.
+"""
+
+from __future__ import annotations
+
+import ast
+
+import ml_collections
+from ml_collections import config_dict
+
+# Logical axis -> mesh axes. Parameters and activations name logical axes (models/layers.py);
+# this table, a config key like any other, decides the parallelism. `batch` spans data and fsdp
+# (FSDP is data parallelism with sharded weights); `embed` on weights is what FSDP shards;
+# `mlp`, `heads` and `vocab` are what tensor parallelism splits.
+DEFAULT_SHARDING_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("classes", None),
+    ("layers", None),
+    ("length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+)
+
+
+def parse_arg(arg: str | None, *, presets: tuple[str, ...], **options) -> ml_collections.ConfigDict:
+    """Parses `preset[,key=value,...]` into a ConfigDict with `preset` and the declared options.
+
+    Values are Python literals where they parse as one (`runlocal=True`, `depth=6`), strings
+    otherwise (`variant=B/16`). An undeclared option or unknown preset is an error naming it.
+    """
+    parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+    preset = presets[0]
+    if parts and "=" not in parts[0]:
+        preset = parts.pop(0)
+    if preset not in presets:
+        raise ValueError(f"Unknown preset {preset!r} in config argument {arg!r}; "
+                         f"expected one of {list(presets)}.")
+    parsed = dict(options)
+    for part in parts:
+        key, sep, text = part.partition("=")
+        if not sep:
+            raise ValueError(f"Config argument {arg!r}: expected key=value after the preset, "
+                             f"got {part!r}.")
+        if key not in options:
+            raise ValueError(f"Unknown option {key!r} in config argument {arg!r}; "
+                             f"this config file accepts {sorted(options) or 'no options'}.")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        parsed[key] = value
+    return ml_collections.ConfigDict({"preset": preset, **parsed})
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Keys the trainer loop reads for every method; a config file fills in the method's part.
+
+    Durations are strings `"<number> steps|epochs|examples"` so a preset and a command-line
+    override never disagree about which unit is meant.
+    """
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.objective = config_dict.placeholder(str)  # name in vistax.train.objectives
+    c.duration = "1 epochs"
+
+    c.input = ml_collections.ConfigDict()
+    c.input.dataset = config_dict.placeholder(str)  # built-in name or prepared dataset folder
+    c.input.data_dir = config_dict.placeholder(str)  # where built-ins are prepared
+    c.input.split = "train"
+    c.input.pp = ""
+    c.input.batch_size = 256  # global, across all devices and processes
+    c.input.worker_count = 0  # grain worker processes per host
+
+    c.optimizer = ml_collections.ConfigDict(dict(
+        name="adamw", b1=0.9, b2=0.999, eps=1e-8, momentum=0.9, nesterov=False,
+        weight_decay=0.0, trust_coefficient=0.001,
+    ))
+    c.schedule = ml_collections.ConfigDict(dict(
+        name="cosine", base_lr=1e-3, warmup="0 steps", end_lr=0.0, warmup_start_lr=0.0,
+        reference_batch_size=config_dict.placeholder(int),  # linear lr scaling if set
+    ))
+    c.param_groups = ml_collections.ConfigDict(dict(
+        freeze=(),  # regexes of parameter paths that get no updates and no optimizer state
+        lr_mults=(),  # ((regex, multiplier), ...): first match wins
+        wd_mults=(),  # ((regex, multiplier), ...) on top of the decay mask
+        # Decay kernels only: biases, norms, position embeddings and tokens are exempt, as in
+        # DeiT/timm and big_vision.
+        wd_mask=r".*/kernel$",
+    ))
+    c.grad_clip_norm = config_dict.placeholder(float)  # global norm; None disables
+    c.grad_accum_steps = 1
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # within a slice (ICI)
+    c.mesh_dcn = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))  # across slices/hosts
+    c.sharding_rules = DEFAULT_SHARDING_RULES
+
+    c.log_every = "20 steps"
+    c.progress = "auto"  # auto | bar | lines
+    c.peak_flops_per_device = config_dict.placeholder(float)  # overrides the device table
+
+    c.checkpoint = ml_collections.ConfigDict(dict(every="1000 steps", keep=3, asynchronous=True))
+    c.evals = ml_collections.ConfigDict()
+    return c

@@ -1,0 +1,1 @@
+"""tfds builders of the built-in datasets (`digits`, `shapes`) and their shared base."""

@@ -1,0 +1,265 @@
+"""Host data pipelines: tfds ArrayRecord datasets read with `tfds` data sources + grain, no TF.
+
+`train_iterator` is infinite and checkpointable; `eval_iterator` is finite, padded and masked.
+Both read records through `builder.as_data_source` with images left encoded (decoded by the
+`decode` pp op) and text as `str`, and shard by global element index so that the batches of all
+processes together are exactly the batches of a single-process run:
+
+    global stream:  shuffle(epoch 0) ++ shuffle(epoch 1) ++ ...   (element index g = 0, 1, 2, ...)
+    process p:      elements g = p, p + P, p + 2P, ...  batched by B / P
+    => step t of process p holds g = tB + p + kP (k < B/P); all p together: g in [tB, (t+1)B).
+
+Augmentation randomness is a function of (seed, g) only, so it is the same on resume, for any
+number of processes or workers, and differs between epochs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from vistax.data import builtins
+from vistax.data import preprocess as preprocess_lib
+
+MASK_KEY = "_mask"
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What evaluators and configs need to know about a prepared dataset."""
+
+    path: str  # the version directory holding dataset_info.json
+    num_examples: dict[str, int]
+    class_names: list[str] | None  # names of a ClassLabel feature 'label', if there is one
+    features: list[str]  # top-level feature names
+
+
+def _find_prepared(directory: str) -> list[str]:
+    """Directories up to 3 levels below `directory` that hold a dataset_info.json."""
+    found = []
+    for root, dirs, files in os.walk(directory):
+        if "dataset_info.json" in files:
+            found.append(root)
+        if root[len(directory):].count(os.sep) >= 3:
+            dirs.clear()
+    return sorted(found)
+
+
+def resolve(dataset: str, data_dir: str | None = None) -> str:
+    """Version directory of `dataset`: a built-in name (prepared on demand) or a directory."""
+    if dataset in builtins.BUILTINS:
+        return builtins.prepare_builtin(dataset, data_dir)
+    path = os.path.abspath(os.path.expanduser(dataset))
+    if os.path.isfile(os.path.join(path, "dataset_info.json")):
+        return path
+    if os.path.isdir(path):
+        candidates = _find_prepared(path)
+        hint = (f"; prepared datasets below it: {candidates[:10]}" if candidates
+                else "; it holds no prepared dataset (run `vistax prepare`)")
+        raise ValueError(f"dataset directory {path!r} has no dataset_info.json{hint}")
+    raise ValueError(f"unknown dataset {dataset!r}: not a built-in ({sorted(builtins.BUILTINS)}) "
+                     f"and no directory {path!r} exists")
+
+
+def _builder(dataset: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    return tfds.builder_from_directory(resolve(dataset, data_dir))
+
+
+def dataset_info(dataset: str, data_dir: str | None = None) -> DatasetInfo:
+    """Split sizes, class names and feature names of `dataset` (built-in name or directory)."""
+    builder = _builder(dataset, data_dir)
+    features = builder.info.features
+    label = features["label"] if "label" in features.keys() else None
+    return DatasetInfo(
+        path=str(builder.data_path),
+        num_examples={name: split.num_examples for name, split in builder.info.splits.items()},
+        class_names=list(label.names) if isinstance(label, tfds.features.ClassLabel) else None,
+        features=list(features.keys()),
+    )
+
+
+def _text_paths(feature, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Key paths of Text features (a Sequence of dicts decodes to a dict of lists)."""
+    if isinstance(feature, tfds.features.Text):
+        return [path]
+    if isinstance(feature, tfds.features.FeaturesDict):
+        return [p for key in feature.keys() for p in _text_paths(feature[key], path + (key,))]
+    if isinstance(feature, tfds.features.Sequence):
+        return _text_paths(feature.feature, path)
+    return []
+
+
+def _to_str(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_to_str(v) for v in value]
+    return value
+
+
+class _Records:
+    """Random access to one split: encoded images stay bytes, Text features become `str`."""
+
+    def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
+        features = builder.info.features
+        images = [k for k in features.keys() if isinstance(features[k], tfds.features.Image)]
+        self._source = builder.as_data_source(
+            split, decoders={k: tfds.decode.SkipDecoding() for k in images})
+        self._text_paths = _text_paths(features)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self._source[index]
+        for path in self._text_paths:
+            parent = record
+            for key in path[:-1]:
+                parent = parent[key]
+            parent[path[-1]] = _to_str(parent[path[-1]])
+        return record
+
+
+def _records(dataset: str, split: str, data_dir: str | None) -> _Records:
+    builder = _builder(dataset, data_dir)
+    splits = sorted(builder.info.splits.keys())
+    if split.split("[")[0] not in splits:
+        raise ValueError(f"dataset {dataset!r} has no split {split!r}; splits: {splits} "
+                         "(tfds slices such as 'train[:90%]' are accepted)")
+    return _Records(builder, split)
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """(index, count) of this process; jax's when not given."""
+    if process_index is None or process_count is None:
+        import jax  # pylint: disable=import-outside-toplevel  (only when not given)
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, process_count={process_count}), "
+                         f"got {process_index}")
+    return process_index, process_count
+
+
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                         f"process_count={process_count}")
+    return global_batch_size // process_count
+
+
+def _rng(seed: int, stream: int, index: int) -> np.random.Generator:
+    """The generator of element `index` in `stream` (0: shuffle, 1: train pp, 2: eval pp)."""
+    return np.random.default_rng([seed, stream, index])
+
+
+def _check_batchable(example: dict[str, Any], spec: str) -> dict[str, Any]:
+    """Raises if a pp output value cannot be stacked into a batch (lists and dicts vary in
+    length per example, e.g. shapes' `objects`), naming the key instead of grain's spec dump."""
+    for key, value in example.items():
+        if isinstance(value, (list, tuple, dict)):
+            raise ValueError(f"pp output {key!r} is a {type(value).__name__}, which cannot be "
+                             f"batched; keep only array/str/number features with keep(...) in "
+                             f"{spec!r}")
+    return example
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainExample:
+    """Applies pp to the element with global index `index` using its own generator."""
+
+    preprocess: preprocess_lib.Preprocess
+    seed: int
+
+    def __call__(self, index: int, record: dict[str, Any]) -> dict[str, Any]:
+        example = self.preprocess(record, _rng(self.seed, 1, index))
+        return _check_batchable(example, self.preprocess.spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalExample:
+    """Padded index -> preprocessed record (index mod len) with `_mask` False for padding."""
+
+    records: _Records
+    preprocess: preprocess_lib.Preprocess
+
+    def __call__(self, index: int) -> dict[str, Any]:
+        n = len(self.records)
+        example = self.preprocess(self.records[index % n], _rng(0, 2, index % n))
+        return {**_check_batchable(example, self.preprocess.spec), MASK_KEY: np.bool_(index < n)}
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """grain's worker processes read its absl flags; outside an absl app none are parsed."""
+    from absl import flags  # pylint: disable=import-outside-toplevel
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _iterate(ds: grain.MapDataset, worker_count: int, read_threads: int) -> grain.DatasetIterator:
+    """Iterator over batches: `read_threads` batches in flight per process, in order."""
+    if worker_count < 0 or read_threads < 0:
+        raise ValueError(f"worker_count={worker_count} and read_threads={read_threads} must be "
+                         ">= 0")
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                                   prefetch_buffer_size=max(read_threads, 1)))
+    if worker_count:
+        _ensure_absl_flags_parsed()
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(iter_ds)
+
+
+def train_iterator(*, dataset: str, split: str, pp: str, global_batch_size: int, seed: int,
+                   data_dir: str | None = None, worker_count: int = 0,
+                   process_index: int | None = None, process_count: int | None = None,
+                   read_threads: int = 2) -> grain.DatasetIterator:
+    """Infinite iterator of this process's batches (dicts of numpy arrays, leading dim
+    global_batch_size // process_count).
+
+    Every epoch is a new permutation of the split (grain's index shuffle, seeded per epoch);
+    batches may straddle epochs. `it.get_state()` / `it.set_state(state)` resume the exact
+    stream, also through `grain.checkpoint.CheckpointSave/CheckpointRestore` with Orbax.
+    worker_count > 0 computes batches in that many grain worker processes (same batches);
+    they are started with 'spawn', so the program's entry point must sit under
+    `if __name__ == "__main__":`. read_threads batches are prepared concurrently per process.
+    """
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    process_index, process_count = _process(process_index, process_count)
+    local_batch_size = _local_batch_size(global_batch_size, process_count)
+    records = _records(dataset, split, data_dir)
+    if len(records) < global_batch_size:
+        raise ValueError(f"split {split!r} of {dataset!r} has {len(records)} examples, fewer than "
+                         f"one global batch of {global_batch_size}")
+    shuffle_seed = int(_rng(seed, 0, 0).integers(2**32))
+    ds = grain.MapDataset.source(records).shuffle(seed=shuffle_seed).repeat()
+    ds = ds.map_with_index(_TrainExample(preprocess_lib.parse(pp), seed))
+    ds = ds[process_index::process_count].batch(local_batch_size, drop_remainder=True)
+    return _iterate(ds, worker_count, read_threads)
+
+
+def eval_iterator(*, dataset: str, split: str, pp: str, global_batch_size: int,
+                  data_dir: str | None = None, worker_count: int = 0,
+                  process_index: int | None = None, process_count: int | None = None,
+                  read_threads: int = 2) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over the split in stored order, in ceil(n / global_batch_size) batches on
+    every process, each of global_batch_size // process_count rows.
+
+    The split is padded to a whole number of global batches with repeats of real examples;
+    `batch['_mask']` is False on those rows. Over all processes the unmasked rows are every
+    example exactly once. Random pp ops get a generator fixed by the example's index.
+    """
+    process_index, process_count = _process(process_index, process_count)
+    local_batch_size = _local_batch_size(global_batch_size, process_count)
+    records = _records(dataset, split, data_dir)
+    padded = math.ceil(len(records) / global_batch_size) * global_batch_size
+    ds = grain.MapDataset.range(padded)[process_index::process_count]
+    ds = ds.map(_EvalExample(records, preprocess_lib.parse(pp))).batch(local_batch_size)
+    return _iterate(ds, worker_count, read_threads)

@@ -1,0 +1,589 @@
+"""Preprocessing from big_vision-style strings: `"decode|flip_lr|value_range(-1, 1)|keep('image')"`.
+
+A spec is ops joined by `|`, each `name` or `name(args)` with Python-literal arguments (numbers,
+strings, tuples, lists, booleans, None; `3/4`-style arithmetic on numbers is allowed). The
+parser reads the spec with `ast` and never evaluates code. Each registered op is a factory:
+called with the spec's arguments it validates them and returns a function
+`(example: dict, rng: np.random.Generator) -> dict` that returns a new dict. Random ops draw
+only from `rng`, so an example's output is fixed by the generator the pipeline hands it.
+
+Images are HxWxC uint8 numpy arrays (C = 3, or 1 after `decode(1)`) from `decode` until
+`value_range`/`normalize`, which make them float32. Image ops take `key='image'` so that several
+views (e.g. `copy('image', 'view2')`) can be augmented independently.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import io
+import math
+import operator
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+Example = dict[str, Any]
+Op = Callable[[Example, np.random.Generator], Example]
+
+_OPS: dict[str, Callable[..., Op]] = {}
+
+_RESAMPLING = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "area": Image.Resampling.BOX,
+}
+
+
+def register(name: str) -> Callable[[Callable[..., Op]], Callable[..., Op]]:
+    """Decorator registering an op factory under `name` (the name used in spec strings)."""
+
+    def decorate(factory: Callable[..., Op]) -> Callable[..., Op]:
+        if name in _OPS:
+            raise ValueError(f"pp op {name!r} is already registered ({_OPS[name]})")
+        _OPS[name] = factory
+        return factory
+
+    return decorate
+
+
+def known_ops() -> list[str]:
+    """Sorted names of all registered ops."""
+    return sorted(_OPS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """A parsed spec: applies its ops in order to one example with one generator."""
+
+    spec: str
+    ops: tuple[tuple[str, Op], ...]  # (the op's text in the spec, the op)
+
+    def __call__(self, example: Example, rng: np.random.Generator) -> Example:
+        for text, op in self.ops:
+            try:
+                example = op(example, rng)
+            except Exception as e:  # Name the op and spec, whatever went wrong inside it.
+                raise ValueError(f"pp op {text!r} of {self.spec!r} failed: "
+                                 f"{type(e).__name__}: {e}") from e
+        return example
+
+
+_ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+               ast.Div: operator.truediv}
+
+
+def _literal(node: ast.AST) -> Any:
+    """A Python literal, allowing + - * / between numbers (e.g. `3/4`); never evaluates code."""
+    if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+        left, right = _literal(node.left), _literal(node.right)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (left, right)):
+            raise ValueError("arithmetic is only allowed between numbers")
+        return _ARITHMETIC[type(node.op)](left, right)
+    if isinstance(node, ast.Tuple):
+        return tuple(_literal(e) for e in node.elts)
+    if isinstance(node, ast.List):
+        return [_literal(e) for e in node.elts]
+    return ast.literal_eval(node)
+
+
+def _flatten_pipes(node: ast.AST) -> list[ast.AST]:
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        return _flatten_pipes(node.left) + _flatten_pipes(node.right)
+    return [node]
+
+
+def parse(spec: str) -> Preprocess:
+    """Parses `spec` into a Preprocess; an empty spec is the identity.
+
+    Raises ValueError naming the op and the whole spec for unknown ops, malformed syntax,
+    non-literal or wrong arguments.
+    """
+    if not spec.strip():
+        return Preprocess(spec, ())
+    known = f"known ops: {', '.join(known_ops())}"
+    try:
+        tree = ast.parse(spec.strip(), mode="eval").body
+    except SyntaxError as e:
+        raise ValueError(f"cannot parse pp spec {spec!r} ({e.msg}); expected "
+                         f"'op|op(arg, key=value)|...'; {known}") from e
+    ops = []
+    for node in _flatten_pipes(tree):
+        text = ast.get_source_segment(spec.strip(), node)
+        if isinstance(node, ast.Name):
+            name, args, kwargs = node.id, [], {}
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            name = node.func.id
+            try:
+                if any(isinstance(a, ast.Starred) for a in node.args) or any(
+                        k.arg is None for k in node.keywords):
+                    raise ValueError("*args/**kwargs are not allowed")
+                args = [_literal(a) for a in node.args]
+                kwargs = {k.arg: _literal(k.value) for k in node.keywords}
+            except (ValueError, TypeError, SyntaxError, ZeroDivisionError) as e:
+                raise ValueError(f"pp op {text!r} in {spec!r}: arguments must be Python "
+                                 f"literals ({e})") from e
+        else:
+            raise ValueError(f"pp spec {spec!r}: {text!r} is not an op name or call; {known}")
+        if name not in _OPS:
+            raise ValueError(f"unknown pp op {name!r} in {spec!r}; {known}")
+        factory = _OPS[name]
+        signature = inspect.signature(factory)
+        try:
+            signature.bind(*args, **kwargs)
+            op = factory(*args, **kwargs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"bad arguments for pp op {text!r} in {spec!r}: {e}; "
+                             f"expected {name}{signature}") from e
+        ops.append((text, op))
+    return Preprocess(spec, tuple(ops))
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _size2(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """An int or (height, width) -> (height, width), both positive ints."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size, size)
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+            or not all(isinstance(s, int) and s > 0 for s in size)):
+        raise ValueError(f"size must be a positive int or (height, width), got {size!r}")
+    return tuple(size)
+
+
+def _range2(value, name: str) -> tuple[float, float]:
+    """A number x -> (x, x), or a (low, high) pair with low <= high."""
+    if isinstance(value, (int, float)):
+        value = (value, value)
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or value[0] > value[1]:
+        raise ValueError(f"{name} must be a number or (low, high) with low <= high, got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+def _probability(p, name: str = "p") -> float:
+    if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+    return float(p)
+
+
+def _method(method: str):
+    if method not in _RESAMPLING:
+        raise ValueError(f"method must be one of {sorted(_RESAMPLING)}, got {method!r}")
+    return _RESAMPLING[method]
+
+
+def _uint8_image(image, op: str) -> np.ndarray:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3:
+        got = (f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray)
+               else type(image).__name__)
+        raise ValueError(f"{op} expects an HxWxC uint8 image (before value_range), got {got}")
+    return image
+
+
+def _pil_resize(image: np.ndarray, height: int, width: int, resample) -> np.ndarray:
+    """Resizes an HxWxC uint8 image with PIL (antialiased when downscaling)."""
+    squeezed = image[..., 0] if image.shape[-1] == 1 else image
+    resized = np.asarray(Image.fromarray(squeezed).resize((width, height), resample))
+    return resized.reshape(height, width, image.shape[-1])
+
+
+def _luma(image: np.ndarray) -> np.ndarray:
+    """ITU-R 601-2 luma (PIL's 'L' conversion) of an HxWx3 float image, HxWx1."""
+    return image @ np.array([0.299, 0.587, 0.114], np.float32)[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding and geometry
+
+
+@register("decode")
+def decode(channels: int = 3, key: str = "image") -> Op:
+    """Encoded image bytes (PNG, JPEG, ...) -> HxWxchannels uint8; 3 = RGB, 1 = greyscale."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    mode = "RGB" if channels == 3 else "L"
+
+    def op(example, rng):
+        del rng
+        with Image.open(io.BytesIO(example[key])) as image:
+            pixels = np.asarray(image.convert(mode))
+        return {**example, key: pixels.reshape(*pixels.shape[:2], channels)}
+
+    return op
+
+
+@register("resize")
+def resize(size, key: str = "image", method: str = "bilinear") -> Op:
+    """Resizes to `size` (int: square, or (height, width)), ignoring the aspect ratio."""
+    height, width = _size2(size)
+    resample = _method(method)
+
+    def op(example, rng):
+        del rng
+        image = _uint8_image(example[key], "resize")
+        return {**example, key: _pil_resize(image, height, width, resample)}
+
+    return op
+
+
+@register("resize_small")
+def resize_small(size: int, key: str = "image", method: str = "bilinear") -> Op:
+    """Resizes so the shorter side is `size`, keeping the aspect ratio (e.g. 256 before a crop)."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    resample = _method(method)
+
+    def op(example, rng):
+        del rng
+        image = _uint8_image(example[key], "resize_small")
+        h, w = image.shape[:2]
+        scale = size / min(h, w)
+        new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+        return {**example, key: _pil_resize(image, new_h, new_w, resample)}
+
+    return op
+
+
+def _crop(image: np.ndarray, top: int, left: int, height: int, width: int, op: str) -> np.ndarray:
+    if height > image.shape[0] or width > image.shape[1]:
+        raise ValueError(f"{op} to {height}x{width} needs an image at least that large, "
+                         f"got {image.shape[0]}x{image.shape[1]}")
+    return image[top:top + height, left:left + width]
+
+
+@register("center_crop")
+def center_crop(size, key: str = "image") -> Op:
+    """Crops the central `size` (int: square, or (height, width))."""
+    height, width = _size2(size)
+
+    def op(example, rng):
+        del rng
+        image = example[key]
+        top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
+        return {**example, key: _crop(image, top, left, height, width, "center_crop")}
+
+    return op
+
+
+@register("random_crop")
+def random_crop(size, key: str = "image") -> Op:
+    """Crops `size` (int: square, or (height, width)) at a uniformly random offset."""
+    height, width = _size2(size)
+
+    def op(example, rng):
+        image = example[key]
+        top = int(rng.integers(0, max(image.shape[0] - height, 0) + 1))
+        left = int(rng.integers(0, max(image.shape[1] - width, 0) + 1))
+        return {**example, key: _crop(image, top, left, height, width, "random_crop")}
+
+    return op
+
+
+def sample_crop_box(rng: np.random.Generator, height: int, width: int,
+                    scale: tuple[float, float], ratio: tuple[float, float]
+                    ) -> tuple[int, int, int, int]:
+    """(top, left, crop height, crop width) as torchvision's RandomResizedCrop.get_params.
+
+    Up to 10 tries of an area fraction ~ U(scale) and a log-uniform aspect ratio (w/h) in
+    `ratio`; if none fits, the largest central crop whose aspect ratio is clamped to `ratio`.
+    """
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@register("random_resized_crop")
+def random_resized_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), key: str = "image",
+                        method: str = "bilinear") -> Op:
+    """Inception-style crop (Szegedy et al. 2015), resized to `size`.
+
+    Defaults are torchvision's / the Inception paper's: area fraction in [0.08, 1], aspect
+    ratio in [3/4, 4/3]. DINO uses scale (0.4, 1) for global and (0.05, 0.4) for local crops.
+    """
+    out_h, out_w = _size2(size)
+    scale, ratio = _range2(scale, "scale"), _range2(ratio, "ratio")
+    if not 0 < scale[0] <= 1 or scale[1] > 1:
+        raise ValueError(f"scale must lie in (0, 1], got {scale}")
+    if ratio[0] <= 0:
+        raise ValueError(f"ratio must be positive, got {ratio}")
+    resample = _method(method)
+
+    def op(example, rng):
+        image = _uint8_image(example[key], "random_resized_crop")
+        top, left, h, w = sample_crop_box(rng, image.shape[0], image.shape[1], scale, ratio)
+        crop = image[top:top + h, left:left + w]
+        return {**example, key: _pil_resize(crop, out_h, out_w, resample)}
+
+    return op
+
+
+@register("flip_lr")
+def flip_lr(p: float = 0.5, key: str = "image") -> Op:
+    """Mirrors left-right with probability p (0.5 in nearly every recipe)."""
+    p = _probability(p)
+
+    def op(example, rng):
+        if rng.random() >= p:
+            return example
+        return {**example, key: np.ascontiguousarray(example[key][:, ::-1])}
+
+    return op
+
+
+# ---------------------------------------------------------------------------------------------
+# Photometric augmentations (SimCLR, Chen et al. 2020; BYOL, Grill et al. 2020; DINO, Caron
+# et al. 2021). Each is applied with probability p, drawing from rng only.
+
+
+def _rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
+    """[0, 1] RGB -> HSV with hue in [0, 1) (colorsys' formulas, vectorised)."""
+    maxc, minc = rgb.max(-1), rgb.min(-1)
+    delta = maxc - minc
+    safe = np.where(delta > 0, delta, 1.0)
+    r, g, b = np.moveaxis(rgb, -1, 0)
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    hue = np.where(r == maxc, bc - gc, np.where(g == maxc, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = np.where(delta > 0, (hue / 6.0) % 1.0, 0.0)
+    saturation = np.where(maxc > 0, delta / np.where(maxc > 0, maxc, 1.0), 0.0)
+    return np.stack([hue, saturation, maxc], -1)
+
+
+def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+    h, s, v = np.moveaxis(hsv, -1, 0)
+    sector = np.floor(h * 6.0)
+    f = h * 6.0 - sector
+    p, q, t = v * (1.0 - s), v * (1.0 - s * f), v * (1.0 - s * (1.0 - f))
+    sector = sector.astype(np.int64) % 6
+    r = np.choose(sector, [v, q, p, p, t, v])
+    g = np.choose(sector, [t, v, v, q, p, p])
+    b = np.choose(sector, [p, p, t, v, v, q])
+    return np.stack([r, g, b], -1)
+
+
+@register("color_jitter")
+def color_jitter(brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.2,
+                 hue: float = 0.1, p: float = 0.8, key: str = "image") -> Op:
+    """torchvision ColorJitter (factors in random order), applied with probability p.
+
+    Brightness, contrast and saturation factors ~ U[max(0, 1 - x), 1 + x], hue shift ~ U[-hue,
+    hue] (fraction of the colour wheel). Defaults (0.4, 0.4, 0.2, 0.1, p=0.8) are BYOL's
+    (Grill et al. 2020, App. B), which DINO (Caron et al. 2021) uses; SimCLR (Chen et al. 2020,
+    App. A) uses strength s=1: (0.8, 0.8, 0.8, 0.2), p=0.8.
+    """
+    for name, value in (("brightness", brightness), ("contrast", contrast),
+                        ("saturation", saturation)):
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if not isinstance(hue, (int, float)) or not 0 <= hue <= 0.5:
+        raise ValueError(f"hue must be in [0, 0.5], got {hue!r}")
+    p = _probability(p)
+
+    def adjust(image: np.ndarray, which: int, rng) -> np.ndarray:
+        if which == 0:  # brightness: blend with black
+            return image * rng.uniform(max(0.0, 1 - brightness), 1 + brightness)
+        if which == 1:  # contrast: blend with the mean grey level
+            factor = rng.uniform(max(0.0, 1 - contrast), 1 + contrast)
+            mean = _luma(image).mean()
+            return (image - mean) * factor + mean
+        if which == 2:  # saturation: blend with the greyscale image
+            factor = rng.uniform(max(0.0, 1 - saturation), 1 + saturation)
+            grey = _luma(image)
+            return (image - grey) * factor + grey
+        shift = rng.uniform(-hue, hue)
+        hsv = _rgb_to_hsv(image / 255.0)
+        hsv[..., 0] = (hsv[..., 0] + shift) % 1.0
+        return _hsv_to_rgb(hsv) * 255.0
+
+    def op(example, rng):
+        if rng.random() >= p:
+            return example
+        image = _uint8_image(example[key], "color_jitter").astype(np.float32)
+        if image.shape[-1] != 3:
+            raise ValueError(f"color_jitter needs 3 channels, got {image.shape[-1]}")
+        for which in rng.permutation(4):
+            image = np.clip(adjust(image, int(which), rng), 0.0, 255.0)
+        return {**example, key: np.rint(image).astype(np.uint8)}
+
+    return op
+
+
+@register("grayscale")
+def grayscale(p: float = 0.2, key: str = "image") -> Op:
+    """With probability p, replaces RGB by its ITU-R 601-2 luma in all 3 channels.
+
+    p=0.2 as in SimCLR, BYOL and DINO.
+    """
+    p = _probability(p)
+
+    def op(example, rng):
+        if rng.random() >= p:
+            return example
+        image = _uint8_image(example[key], "grayscale")
+        if image.shape[-1] == 1:
+            return example
+        grey = np.rint(_luma(image.astype(np.float32))).astype(np.uint8)
+        return {**example, key: np.repeat(grey, image.shape[-1], axis=-1)}
+
+    return op
+
+
+@register("gaussian_blur")
+def gaussian_blur(p: float, sigma=(0.1, 2.0), key: str = "image") -> Op:
+    """With probability p, Gaussian blur with standard deviation ~ U(sigma) pixels.
+
+    sigma in [0.1, 2.0] as in SimCLR (p=0.5) and BYOL/DINO (p=1.0 on the first view, 0.1 on
+    the second; DINO: 0.5 on local crops). Uses PIL's GaussianBlur, whose radius is the std.
+    """
+    p = _probability(p)
+    sigma = _range2(sigma, "sigma")
+    if sigma[0] < 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
+
+    def op(example, rng):
+        if rng.random() >= p:
+            return example
+        image = _uint8_image(example[key], "gaussian_blur")
+        radius = rng.uniform(*sigma)
+        squeezed = image[..., 0] if image.shape[-1] == 1 else image
+        blurred = Image.fromarray(squeezed).filter(ImageFilter.GaussianBlur(radius))
+        return {**example, key: np.asarray(blurred).reshape(image.shape)}
+
+    return op
+
+
+@register("solarize")
+def solarize(p: float = 0.2, threshold: int = 128, key: str = "image") -> Op:
+    """With probability p, inverts pixels >= threshold (x -> 255 - x).
+
+    p=0.2, threshold 128 as on BYOL's / DINO's second view (p=0 on the first).
+    """
+    p = _probability(p)
+    if not isinstance(threshold, (int, float)) or not 0 <= threshold <= 256:
+        raise ValueError(f"threshold must be in [0, 256], got {threshold!r}")
+
+    def op(example, rng):
+        if rng.random() >= p:
+            return example
+        image = _uint8_image(example[key], "solarize")
+        return {**example, key: np.where(image >= threshold, 255 - image, image)}
+
+    return op
+
+
+# ---------------------------------------------------------------------------------------------
+# Value ranges and labels
+
+
+@register("value_range")
+def value_range(vmin: float = -1.0, vmax: float = 1.0, in_min: float = 0.0,
+                in_max: float = 255.0, key: str = "image") -> Op:
+    """Maps [in_min, in_max] linearly to [vmin, vmax] as float32 (0 -> vmin, 255 -> vmax)."""
+    if in_max == in_min:
+        raise ValueError(f"in_min and in_max must differ, got {in_min}")
+
+    def op(example, rng):
+        del rng
+        image = np.asarray(example[key], np.float32)
+        scaled = (image - in_min) * ((vmax - vmin) / (in_max - in_min)) + vmin
+        return {**example, key: scaled.astype(np.float32)}
+
+    return op
+
+
+@register("normalize")
+def normalize(mean, std, key: str = "image") -> Op:
+    """(x - mean) / std per channel as float32, e.g. after value_range(0, 1) the ImageNet
+    statistics mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)."""
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    if mean.ndim > 1 or std.ndim > 1 or np.any(std <= 0):
+        raise ValueError(f"mean/std must be numbers or per-channel lists with std > 0, "
+                         f"got mean={mean.tolist()}, std={std.tolist()}")
+
+    def op(example, rng):
+        del rng
+        return {**example, key: (np.asarray(example[key], np.float32) - mean) / std}
+
+    return op
+
+
+@register("onehot")
+def onehot(num_classes: int, key: str = "label", key_result: str = "labels", on: float = 1.0,
+           off: float = 0.0) -> Op:
+    """Integer label(s) in `key` -> float32 vector of num_classes in `key_result` (multi-hot
+    for a list of labels); on/off e.g. 0.9/0.1/num_classes for label smoothing."""
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+
+    def op(example, rng):
+        del rng
+        labels = np.asarray(example[key])
+        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"label {labels.tolist()} in {key!r} outside [0, {num_classes})")
+        vector = np.full(num_classes, off, np.float32)
+        vector[labels] = on
+        return {**example, key_result: vector}
+
+    return op
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys
+
+
+@register("keep")
+def keep(*keys: str) -> Op:
+    """Keeps only `keys` (e.g. drops variable-length fields that cannot be batched)."""
+    if not keys:
+        raise ValueError("keep needs at least one key")
+
+    def op(example, rng):
+        del rng
+        missing = [k for k in keys if k not in example]
+        if missing:
+            raise KeyError(f"keys {missing} not in example; it has {sorted(example)}")
+        return {k: example[k] for k in keys}
+
+    return op
+
+
+@register("rename")
+def rename(old: str, new: str) -> Op:
+    """Moves the value of key `old` to key `new`."""
+
+    def op(example, rng):
+        del rng
+        example = dict(example)
+        example[new] = example.pop(old)
+        return example
+
+    return op
+
+
+@register("copy")
+def copy(src: str, dst: str) -> Op:
+    """Copies the value of key `src` to key `dst` (e.g. a second view to augment)."""
+
+    def op(example, rng):
+        del rng
+        return {**example, dst: example[src]}
+
+    return op

@@ -1,0 +1,14 @@
+"""Evaluators by type: `config.evals.<name>.type` selects one; the loop runs each `every`."""
+
+from vistax.evals.base import EvalContext, Evaluator
+from vistax.evals.classification import ClassificationEvaluator
+
+EVALUATORS: dict[str, type[Evaluator]] = {
+    "classification": ClassificationEvaluator,
+}
+
+
+def get(name: str, type_name: str | None) -> type[Evaluator]:
+    if type_name not in EVALUATORS:
+        raise ValueError(f"evals.{name}.type={type_name!r} is not one of {sorted(EVALUATORS)}.")
+    return EVALUATORS[type_name]

@@ -1,0 +1,66 @@
+"""What evaluators receive from the trainer, and the evaluator protocol.
+
+Evaluators never import train/: the loop hands them an `EvalContext` that can compile a
+function of (model, extra state, batch) for the current mesh and assemble global batches.
+Metrics are reduced on device (sums over masked rows) and only scalars reach the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+
+import jax
+import numpy as np
+
+from vistax.data import pipeline
+
+
+@dataclasses.dataclass
+class EvalContext:
+    """Trainer facilities an evaluator may use."""
+    # compile(fn) -> call(state, global_batch) -> pytree of numpy values; fn(model, extra, batch)
+    # runs inside jit on the mesh and must return arrays small enough to replicate (sums, top-k).
+    compile: Callable[[Callable], Callable[[dict, dict], object]]
+    encoders: Mapping[str, Callable]  # the objective's named encoders
+    global_batch: Callable[[dict], dict]  # process-local numpy -> global jax.Arrays
+    data_dir: str | None
+    process_index: int
+    process_count: int
+    batch_multiple: int  # global eval batches must be a multiple of this (batch shards)
+
+    def batches(self, cfg, *, name: str) -> Iterator[dict]:
+        """Global batches of an evaluator's (dataset, split, pp, batch_size), padded + `_mask`."""
+        if cfg.batch_size % self.batch_multiple:
+            raise ValueError(f"evals.{name}.batch_size={cfg.batch_size} must be a multiple of "
+                             f"{self.batch_multiple} (the mesh's batch shards x processes).")
+        local = pipeline.eval_iterator(
+            dataset=cfg.dataset, split=cfg.split, pp=cfg.pp, global_batch_size=cfg.batch_size,
+            data_dir=self.data_dir, process_index=self.process_index,
+            process_count=self.process_count)
+        for batch in local:
+            yield self.global_batch(batch)
+
+
+class Evaluator:
+    """Configured by `config.evals.<name>` with at least `type` and `every` (a duration)."""
+
+    def __init__(self, name: str, cfg, ctx: EvalContext):
+        self.name = name
+        self.cfg = cfg
+        self.ctx = ctx
+
+    def run(self, state: dict) -> dict[str, float]:
+        raise NotImplementedError
+
+
+def require(cfg, name: str, keys: tuple[str, ...]) -> None:
+    """Errors naming `evals.<name>.<key>` for each missing or empty key."""
+    missing = [k for k in keys if cfg.get(k) in (None, "")]
+    if missing:
+        raise ValueError(f"evals.{name} lacks {', '.join(f'evals.{name}.{k}' for k in missing)}.")
+
+
+def to_host(tree) -> object:
+    """Replicated jax arrays -> numpy (works in multi-process runs, unlike np.asarray)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)

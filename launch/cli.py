@@ -1,0 +1,105 @@
+"""`vistax <command>`: train, eval, prepare.
+
+  vistax train --config=configs/vit.py:tiny [--config.a.b=value ...] --workdir=DIR
+  vistax eval  --config=configs/vit.py:tiny --workdir=DIR      # latest checkpoint in DIR
+  vistax prepare --input=FOLDER_OR_CSV --output=DATASET_DIR [--kind=auto|folder|captions]
+
+Multi-process runs pass --coordinator_address/--num_processes/--process_id (or set
+VISTAX_COORDINATOR etc.); every process runs the same command.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+COMMANDS = {
+    "train": "train a config in a workdir (resumes from its latest checkpoint)",
+    "eval": "run a config's evaluators on the latest checkpoint in a workdir",
+    "prepare": "convert a folder of class subfolders or a CSV/TSV of image,caption to a dataset",
+}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and argument, "
+                                          "e.g. configs/vit.py:tiny", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_STEP = flags.DEFINE_integer("step", None, "eval: checkpoint step (default: latest).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", os.environ.get("VISTAX_COORDINATOR"),
+    "host:port of process 0 for jax.distributed (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", int(os.environ.get("VISTAX_NUM_PROCESSES", "0")) or None,
+    "Number of processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", int(os.environ["VISTAX_PROCESS_ID"]) if "VISTAX_PROCESS_ID" in os.environ
+    else None, "This process's index in a multi-process run.")
+_INPUT = flags.DEFINE_string("input", None, "prepare: class folder, or CSV/TSV file.")
+_OUTPUT = flags.DEFINE_string("output", None, "prepare: dataset directory to create.")
+_KIND = flags.DEFINE_enum("kind", "auto", ["auto", "folder", "captions"], "prepare: input kind.")
+_SPLIT = flags.DEFINE_string("split", "train", "prepare: split name for a flat input.")
+_IMAGE_COLUMN = flags.DEFINE_string("image_column", "image", "prepare: CSV column of image paths.")
+_CAPTION_COLUMN = flags.DEFINE_string("caption_column", "caption", "prepare: CSV caption column.")
+_MAX_SIZE = flags.DEFINE_integer("max_size", None, "prepare: downscale longer side to this.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "prepare: replace an existing output.")
+
+
+def _usage() -> str:
+    lines = ["usage: vistax <command> [flags]", "", "commands:"]
+    lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
+    lines += ["", "`vistax <command> --helpfull` lists the flags."]
+    return "\n".join(lines)
+
+
+def _require(*pairs) -> None:
+    missing = [f"--{name}" for name, value in pairs if value in (None, "")]
+    if missing:
+        raise app.UsageError(f"missing {', '.join(missing)}")
+
+
+def _initialize_distributed() -> None:
+    if _COORDINATOR.value is None and _NUM_PROCESSES.value is None:
+        return
+    _require(("coordinator_address", _COORDINATOR.value), ("num_processes", _NUM_PROCESSES.value),
+             ("process_id", _PROCESS_ID.value))
+    import jax
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+
+
+def _run(command: str, argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # library INFO logs (Orbax, tfds) drown progress
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    if command == "prepare":
+        from vistax.data import prepare
+        _require(("input", _INPUT.value), ("output", _OUTPUT.value))
+        report = prepare.prepare(_INPUT.value, _OUTPUT.value, kind=_KIND.value, split=_SPLIT.value,
+                                 image_column=_IMAGE_COLUMN.value,
+                                 caption_column=_CAPTION_COLUMN.value, max_size=_MAX_SIZE.value,
+                                 overwrite=_OVERWRITE.value)
+        print(report.summary())
+        return
+    _require(("config", _CONFIG.value), ("workdir", _WORKDIR.value))
+    _initialize_distributed()
+    from vistax.train import loop
+    if command == "train":
+        loop.train(_CONFIG.value, _WORKDIR.value)
+    else:
+        results = loop.evaluate(_CONFIG.value, _WORKDIR.value, step=_STEP.value)
+        for name, value in sorted(results.items()):
+            print(f"{name} = {value:.6g}")
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(_usage(), file=sys.stderr)
+        sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
+    command = sys.argv[1]
+    app.run(lambda argv: _run(command, argv), argv=[f"vistax {command}"] + sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Transformer building blocks shared by every tower: dense, attention, MLP, drop path, poolers.
+
+Every parameter names its logical axes (`embed`, `mlp`, `heads`, `kv`, ...) and activations are
+constrained with `constrain`; the config's rule table maps those names to mesh axes. Randomness
+(dropout, drop path) comes from an explicit `rng` argument, so a step is a pure function of its
+inputs and a resumed run draws the same masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.core import spmd as flax_spmd
+from jax.sharding import PartitionSpec
+
+Shape = Sequence[int]
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Pins activation `x` to the mesh axes its logical `axes` map to; a no-op without a mesh."""
+    rules = flax_spmd.get_logical_axis_rules()
+    if not rules or jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, flax_spmd.apply_rules(PartitionSpec(*axes), None))
+
+
+def param(rngs: nnx.Rngs, init, shape: Shape, axes: Sequence[str | None], dtype) -> nnx.Param:
+    """A parameter initialised by `init` with logical axis names attached."""
+    if len(axes) != len(shape):
+        raise ValueError(f"Parameter of shape {tuple(shape)} got {len(axes)} axis names {axes}.")
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes))
+
+
+class Dense(nnx.Module):
+    """y = x W + b, contracting the trailing `in_shape` dims of x into `out_shape` dims."""
+
+    def __init__(self, in_shape: int | Shape, out_shape: int | Shape, axes: Sequence[str | None], *,
+                 rngs: nnx.Rngs, use_bias: bool = True, kernel_init=None,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
+        out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
+        n_in = len(in_shape)
+        if kernel_init is None:
+            kernel_init = jax.nn.initializers.xavier_uniform(
+                in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + len(out_shape))))
+        self.n_in = n_in
+        self.dtype = dtype
+        self.kernel = param(rngs, kernel_init, in_shape + out_shape, axes, param_dtype)
+        self.bias = (param(rngs, jax.nn.initializers.zeros, out_shape, axes[n_in:], param_dtype)
+                     if use_bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                                (contract, ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis; statistics in float32 whatever the compute dtype."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, eps: float = 1e-6,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        del rngs  # deterministic init; kept for a uniform constructor signature
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("embed",))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout; identity when `rng` is None (evaluation) or rate is 0."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def drop_path(x: jax.Array, rate: jax.Array | float, rng: jax.Array | None) -> jax.Array:
+    """Stochastic depth (Huang et al. 2016): drops a residual branch per sample.
+
+    `rate` may be traced (a per-layer value scanned over depth); identity when `rng` is None.
+    """
+    if rng is None:
+        return x
+    keep_prob = 1.0 - jnp.asarray(rate, jnp.float32)
+    keep = jax.random.bernoulli(rng, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x / keep_prob.astype(x.dtype), 0).astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """Transformer feed-forward block: Dense -> GELU -> dropout -> Dense."""
+
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dropout_rate: float = 0.0,
+                 gelu_approximate: bool = False, dtype=jnp.float32, param_dtype=jnp.float32):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.fc1 = Dense(dim, hidden, ("embed", "mlp"), **kw)
+        self.fc2 = Dense(hidden, dim, ("mlp", "embed"), **kw)
+        self.dropout_rate = dropout_rate
+        self.gelu_approximate = gelu_approximate
+
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        h = jax.nn.gelu(self.fc1(x), approximate=self.gelu_approximate)
+        h = constrain(h, ("batch", "length", "act_mlp"))
+        h = dropout(h, self.dropout_rate, rng)
+        return self.fc2(h)
+
+
+class MultiHeadAttention(nnx.Module):
+    """Multi-head dot-product attention with separate q/k/v projections (B, T, D) -> (B, T, D).
+
+    Uses `jax.nn.dot_product_attention`, which picks a fused kernel where the backend has one.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, kv_dim: int | None = None,
+                 qkv_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32):
+        if dim % num_heads:
+            raise ValueError(f"Attention width {dim} is not divisible by num_heads={num_heads}.")
+        head_dim = dim // num_heads
+        kv_dim = kv_dim or dim
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=qkv_bias)
+        self.query = Dense(dim, (num_heads, head_dim), ("embed", "heads", "kv"), **kw)
+        self.key = Dense(kv_dim, (num_heads, head_dim), ("embed", "heads", "kv"), **kw)
+        self.value = Dense(kv_dim, (num_heads, head_dim), ("embed", "heads", "kv"), **kw)
+        self.out = Dense((num_heads, head_dim), dim, ("heads", "kv", "embed"), rngs=rngs,
+                         dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array, kv: jax.Array | None = None, *, mask: jax.Array | None = None,
+                 is_causal: bool = False) -> jax.Array:
+        kv = x if kv is None else kv
+        heads = ("batch", "length", "act_heads", None)
+        q = constrain(self.query(x), heads)
+        k = constrain(self.key(kv), heads)
+        v = constrain(self.value(kv), heads)
+        y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+        return self.out(constrain(y, heads))
+
+
+class MAPHead(nnx.Module):
+    """Multihead attention pooling (Lee et al. 2019; big_vision's `map` pooling).
+
+    A learned probe attends over the tokens; an MLP with residual refines the pooled vector.
+    """
+
+    def __init__(self, dim: int, mlp_dim: int, num_heads: int, *, rngs: nnx.Rngs, eps: float,
+                 gelu_approximate: bool = False, dtype=jnp.float32, param_dtype=jnp.float32):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.probe = param(rngs, jax.nn.initializers.xavier_uniform(), (1, 1, dim),
+                           (None, None, "embed"), param_dtype)
+        self.attn = MultiHeadAttention(dim, num_heads, **kw)
+        self.norm = LayerNorm(dim, eps=eps, **kw)
+        self.mlp = MLP(dim, mlp_dim, gelu_approximate=gelu_approximate, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        probe = jnp.broadcast_to(self.probe[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+        y = self.attn(probe, x)
+        y = y + self.mlp(self.norm(y))
+        return y[:, 0]
+
+
+def sincos_posemb_2d(height: int, width: int, dim: int, temperature: float = 10_000.0) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding (MoCo v3, Chen et al. 2021), shape (1, h*w, dim).
+
+    A quarter of the channels each for sin/cos of the row and of the column coordinate.
+    """
+    if dim % 4:
+        raise ValueError(f"sincos2d position embedding needs a width divisible by 4, got {dim}.")
+    y, x = np.mgrid[:height, :width]
+    omega = 1.0 / temperature ** (np.arange(dim // 4) / (dim // 4 - 1 if dim > 4 else 1))
+    y = y.reshape(-1)[:, None] * omega[None]
+    x = x.reshape(-1)[:, None] * omega[None]
+    pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+    return pe[None].astype(np.float32)
+
+
+def resample_posemb(posemb: jax.Array | np.ndarray, grid: tuple[int, int]) -> jax.Array:
+    """Bilinearly resizes a learned (1, h*w, D) patch position embedding to `grid` = (h', w').
+
+    Used when a checkpoint trained at one image size or patch grid initialises another (ViT
+    paper, Sec. 3.2: 2-D interpolation of the pre-trained position embeddings).
+    """
+    n, dim = posemb.shape[1], posemb.shape[2]
+    side = int(round(np.sqrt(n)))
+    if side * side != n:
+        raise ValueError(f"Cannot resample a position embedding of {n} tokens: not a square grid.")
+    if (side, side) == tuple(grid):
+        return jnp.asarray(posemb)
+    img = jnp.asarray(posemb, jnp.float32).reshape(1, side, side, dim)
+    img = jax.image.resize(img, (1, grid[0], grid[1], dim), method="bilinear")
+    return img.reshape(1, grid[0] * grid[1], dim).astype(posemb.dtype)

@@ -1,0 +1,320 @@
+"""Vision Transformer (Dosovitskiy et al. 2021) in Flax NNX, every size from one variant table.
+
+`"B/16"` decodes to width/depth/MLP/heads (table below) and patch size. Block parameters are
+stacked along a leading `layers` axis, so the same checkpoint runs unrolled or under
+`jax.lax.scan` (`scan=True`, compile time independent of depth), with optional remat.
+`__call__` returns `(output, intermediates)`: evaluators and probes read features from the dict
+instead of needing a second model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vistax.models import layers
+
+# name: (width, depth, mlp_dim, num_heads). Ti/S/B/L/H: ViT and DeiT papers; mu/M/g/So400m:
+# "Scaling Vision Transformers" (Zhai et al. 2022) and SigLIP's shape-optimised So400m.
+VARIANTS = {
+    "mu": (32, 1, 128, 2),
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "So400m": (1152, 27, 4304, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+}
+
+POOLS = ("cls", "gap", "map", "none")
+POSEMBS = ("learn", "sincos2d")
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def decode_variant(variant: str) -> dict:
+    """`"B/16"` -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16)."""
+    match = re.fullmatch(r"([A-Za-z0-9]+)(?:/(\d+))?", variant or "")
+    if not match or match.group(1) not in VARIANTS:
+        raise ValueError(f"Unknown ViT variant {variant!r}; expected <size>/<patch> with size in "
+                         f"{list(VARIANTS)}, e.g. 'B/16'.")
+    width, depth, mlp_dim, num_heads = VARIANTS[match.group(1)]
+    out = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
+    if match.group(2):
+        out["patch_size"] = int(match.group(2))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Resolved ViT hyper-parameters (the variant table plus explicit overrides)."""
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    patch_size: int
+    image_size: int = 224
+    channels: int = 3
+    num_classes: int = 0  # 0: no classification head, output is the pooled representation
+    pool: str = "cls"
+    posemb: str = "learn"
+    num_registers: int = 0
+    representation_size: int = 0  # pre-logits Dense+tanh (ViT paper, for pre-training) if > 0
+    dropout: float = 0.0
+    drop_path: float = 0.0  # maximum rate; rises linearly with depth (DeiT, Huang et al. 2016)
+    head_zero_init: bool = True
+    layernorm_eps: float = 1e-6
+    qkv_bias: bool = True
+    gelu_approximate: bool = False
+    scan: bool = True
+    remat: str = "none"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        checks = (("pool", self.pool, POOLS), ("posemb", self.posemb, POSEMBS),
+                  ("remat", self.remat, tuple(REMAT_POLICIES)), ("dtype", self.dtype, tuple(DTYPES)),
+                  ("param_dtype", self.param_dtype, tuple(DTYPES)))
+        for key, value, allowed in checks:
+            if value not in allowed:
+                raise ValueError(f"model.{key}={value!r} is not one of {list(allowed)}.")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"model.image_size={self.image_size} is not a multiple of the patch "
+                             f"size {self.patch_size}.")
+        if self.width % self.num_heads:
+            raise ValueError(f"ViT width {self.width} is not divisible by num_heads={self.num_heads}.")
+        if not 0.0 <= self.drop_path < 1.0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.drop_path={self.drop_path} and model.dropout={self.dropout} "
+                             "must lie in [0, 1).")
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "ViTConfig":
+        """Builds from a config dict whose `variant` ("B/16") is overridden by explicit keys."""
+        cfg = dict(cfg)
+        variant = cfg.pop("variant", None)
+        resolved = decode_variant(variant) if variant else {}
+        for key, value in cfg.items():
+            if value is not None:
+                resolved[key] = value
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(resolved) - fields)
+        if unknown:
+            raise ValueError(f"Unknown ViT option(s) {unknown}; known: {sorted(fields)}.")
+        missing = [k for k in ("width", "depth", "mlp_dim", "num_heads", "patch_size")
+                   if k not in resolved]
+        if missing:
+            raise ValueError(f"ViT config lacks {missing}: set model.variant (e.g. 'B/16') or them.")
+        return cls(**resolved)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.image_size // self.patch_size,) * 2
+
+
+class Block(nnx.Module):
+    """Pre-LN transformer encoder block with stochastic depth on both residual branches."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        kw = dict(rngs=rngs, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype])
+        self.norm1 = layers.LayerNorm(cfg.width, eps=cfg.layernorm_eps, **kw)
+        self.attn = layers.MultiHeadAttention(cfg.width, cfg.num_heads, qkv_bias=cfg.qkv_bias, **kw)
+        self.norm2 = layers.LayerNorm(cfg.width, eps=cfg.layernorm_eps, **kw)
+        self.mlp = layers.MLP(cfg.width, cfg.mlp_dim, dropout_rate=cfg.dropout,
+                              gelu_approximate=cfg.gelu_approximate, **kw)
+        self.dropout_rate = cfg.dropout
+
+    def __call__(self, x: jax.Array, drop_path_rate: jax.Array, rng: jax.Array | None) -> jax.Array:
+        keys = jax.random.split(rng, 5) if rng is not None else [None] * 5
+        y = self.attn(self.norm1(x))
+        y = layers.dropout(y, self.dropout_rate, keys[0])
+        x = x + layers.drop_path(y, drop_path_rate, keys[1])
+        x = layers.constrain(x, ("batch", "length", "act_embed"))
+        y = self.mlp(self.norm2(x), keys[2])
+        y = layers.dropout(y, self.dropout_rate, keys[3])
+        x = x + layers.drop_path(y, drop_path_rate, keys[4])
+        return layers.constrain(x, ("batch", "length", "act_embed"))
+
+
+class Encoder(nnx.Module):
+    """`depth` blocks whose parameters are stacked on a leading `layers` axis, then a final LN."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=cfg.depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.norm = layers.LayerNorm(cfg.width, eps=cfg.layernorm_eps, rngs=rngs,
+                                     dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype])
+        self.depth = cfg.depth
+        self.scan = cfg.scan
+        self.remat = cfg.remat
+        # Linear stochastic-depth schedule: 0 at the first block, drop_path at the last (DeiT).
+        self.drop_path_rates = tuple(np.linspace(0.0, cfg.drop_path, cfg.depth).tolist())
+
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        graphdef, stacked = nnx.split(self.blocks)
+        rates = jnp.asarray(self.drop_path_rates, jnp.float32)
+
+        def apply_block(h, block_state, rate, key):
+            return nnx.merge(graphdef, block_state)(h, rate, key)
+
+        if self.remat != "none":
+            apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[self.remat])
+        keys = jax.random.split(rng, self.depth) if rng is not None else None
+        if self.scan:
+            def body(h, xs):
+                block_state, rate, key = xs
+                return apply_block(h, block_state, rate, key), None
+            x, _ = jax.lax.scan(body, x, (stacked, rates, keys))
+        else:
+            for i in range(self.depth):
+                block_state = jax.tree.map(lambda p, i=i: p[i], stacked)
+                x = apply_block(x, block_state, rates[i], None if keys is None else keys[i])
+        return self.norm(x)
+
+
+class ViT(nnx.Module):
+    """ViT: patchify -> [cls] + [registers] + patches (+ pos) -> encoder -> pool -> head."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        p, d = cfg.patch_size, cfg.width
+        # Patch embedding = a stride-p convolution, written as a Dense over flattened patches.
+        self.patch_embed = layers.Dense(
+            (p, p, cfg.channels), d, (None, None, None, "embed"), rngs=rngs, dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=jax.nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3))
+        n_patches = cfg.grid[0] * cfg.grid[1]
+        if cfg.posemb == "learn":
+            self.pos_embedding = layers.param(
+                rngs, jax.nn.initializers.normal(stddev=1 / np.sqrt(d)), (1, n_patches, d),
+                (None, None, "embed"), param_dtype)
+        else:
+            self.pos_embedding = None
+        self.cls_token = (layers.param(rngs, jax.nn.initializers.zeros, (1, 1, d),
+                                       (None, None, "embed"), param_dtype)
+                          if cfg.pool == "cls" else None)
+        # Registers (Darcet et al. 2024): extra learned tokens that are dropped at the output.
+        self.registers = (layers.param(rngs, jax.nn.initializers.normal(stddev=0.02),
+                                       (1, cfg.num_registers, d), (None, None, "embed"),
+                                       param_dtype)
+                          if cfg.num_registers else None)
+        self.encoder = Encoder(cfg, rngs=rngs)
+        self.map_head = (layers.MAPHead(d, cfg.mlp_dim, cfg.num_heads, rngs=rngs,
+                                        eps=cfg.layernorm_eps, gelu_approximate=cfg.gelu_approximate,
+                                        dtype=dtype, param_dtype=param_dtype)
+                         if cfg.pool == "map" else None)
+        rep = cfg.representation_size
+        self.pre_logits = (layers.Dense(d, rep, ("embed", "mlp"), rngs=rngs, dtype=dtype,
+                                        param_dtype=param_dtype) if rep else None)
+        head_in = rep or d
+        if cfg.num_classes:
+            init = (jax.nn.initializers.zeros if cfg.head_zero_init
+                    else jax.nn.initializers.xavier_uniform())
+            self.head = layers.Dense(head_in, cfg.num_classes, ("embed", "classes"), rngs=rngs,
+                                     kernel_init=init, dtype=dtype, param_dtype=param_dtype)
+        else:
+            self.head = None
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return (self.cls_token is not None) + self.cfg.num_registers
+
+    def embed_patches(self, images: jax.Array) -> jax.Array:
+        """(B, H, W, C) images -> (B, h*w, D) patch embeddings with position embeddings added."""
+        cfg = self.cfg
+        b, h, w, c = images.shape
+        p = cfg.patch_size
+        if h % p or w % p or c != cfg.channels:
+            raise ValueError(f"ViT with patch {p} and {cfg.channels} channels got images of shape "
+                             f"{images.shape}.")
+        gh, gw = h // p, w // p
+        patches = images.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+        x = self.patch_embed(patches.reshape(b, gh * gw, p, p, c))
+        if self.pos_embedding is not None:
+            posemb = self.pos_embedding[...]
+            if (gh, gw) != cfg.grid:
+                raise ValueError(f"ViT built for {cfg.image_size}px images got {h}x{w}; set "
+                                 "model.image_size (checkpoints are resampled when loaded).")
+        else:
+            posemb = layers.sincos_posemb_2d(gh, gw, cfg.width)
+        return x + jnp.asarray(posemb).astype(x.dtype)
+
+    def __call__(self, images: jax.Array, *, rng: jax.Array | None = None,
+                 patch_tokens: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """Returns (logits, or the pooled representation if there is no head; intermediates).
+
+        `rng` (training) enables dropout and drop path. `patch_tokens`, if given, replaces the
+        embedded patches (e.g. the visible subset chosen by a masked-modelling objective).
+        """
+        cfg = self.cfg
+        out = {}
+        x = self.embed_patches(images) if patch_tokens is None else patch_tokens
+        x = layers.constrain(x, ("batch", "length", "act_embed"))
+        b = x.shape[0]
+        prefix = []
+        if self.cls_token is not None:
+            prefix.append(jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, cfg.width)))
+        if self.registers is not None:
+            prefix.append(jnp.broadcast_to(self.registers[...].astype(x.dtype),
+                                           (b, cfg.num_registers, cfg.width)))
+        x = jnp.concatenate(prefix + [x], axis=1) if prefix else x
+        keys = jax.random.split(rng, 2) if rng is not None else (None, None)
+        x = layers.dropout(x, cfg.dropout, keys[0])
+        encoded = self.encoder(x, keys[1])
+        out["encoded"] = encoded
+        out["patch_tokens"] = encoded[:, self.num_prefix_tokens:]
+        if cfg.pool == "cls":
+            pooled = encoded[:, 0]
+        elif cfg.pool == "gap":
+            pooled = out["patch_tokens"].mean(axis=1)
+        elif cfg.pool == "map":
+            pooled = self.map_head(out["patch_tokens"])
+        else:
+            pooled = encoded
+        out["pooled"] = pooled
+        if self.pre_logits is not None:
+            pooled = jnp.tanh(self.pre_logits(pooled))
+        out["pre_logits"] = pooled
+        if self.head is None:
+            return pooled, out
+        logits = self.head(pooled)
+        out["logits"] = logits
+        return logits, out
+
+
+def flops_per_example(cfg: ViTConfig) -> float:
+    """Forward-pass FLOPs of one image (matmuls and attention; 2 FLOPs per multiply-add).
+
+    Training costs 3x this (forward + backward), the convention MFU uses (PaLM, App. B); remat's
+    recomputation is not counted.
+    """
+    d, m, p = cfg.width, cfg.mlp_dim, cfg.patch_size
+    n_patches = cfg.grid[0] * cfg.grid[1]
+    t = n_patches + (cfg.pool == "cls") + cfg.num_registers
+    flops = 2 * n_patches * p * p * cfg.channels * d  # patch embedding
+    per_layer = 2 * t * (4 * d * d + 2 * d * m) + 2 * 2 * t * t * d  # projections+MLP, QK^T, AV
+    flops += cfg.depth * per_layer
+    if cfg.pool == "map":  # one probe query attending over the patches, then the MLP
+        flops += 2 * (2 * d * d + 2 * n_patches * d * d + 2 * n_patches * d + 2 * d * m)
+    rep = cfg.representation_size
+    if rep:
+        flops += 2 * d * rep
+    if cfg.num_classes:
+        flops += 2 * (rep or d) * cfg.num_classes
+    return float(flops)

@@ -1,0 +1,174 @@
+"""Train/eval iterators: determinism, epochs, process sharding, checkpointing, eval padding."""
+from __future__ import annotations
+
+import sys
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from vistax.data import pipeline
+
+AUGMENT = "decode|random_resized_crop(24, scale=(0.3, 1.0))|flip_lr|value_range(0, 1)"
+TRAIN_PP = AUGMENT + "|keep('image', 'label', 'id')"
+
+
+def _take(iterator, n: int) -> list[dict]:
+    return [next(iterator) for _ in range(n)]
+
+
+def _assert_same(batches_a: list[dict], batches_b: list[dict]) -> None:
+    assert len(batches_a) == len(batches_b)
+    for a, b in zip(batches_a, batches_b):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.fixture
+def train(shapes_dir):
+    """train_iterator over the small shapes train split (240 examples), single process."""
+
+    def make(**kwargs):
+        args = dict(dataset=shapes_dir, split="train", pp=TRAIN_PP, global_batch_size=16, seed=0,
+                    process_index=0, process_count=1)
+        return pipeline.train_iterator(**{**args, **kwargs})
+
+    return make
+
+
+def test_batches_have_local_shape_and_dtypes(train):
+    batch = next(train(process_index=1, process_count=2))
+    assert batch["image"].shape == (8, 24, 24, 3) and batch["image"].dtype == np.float32
+    assert batch["label"].shape == (8,) and batch["id"].dtype == np.int64
+    # Without process_index/process_count, jax's (one process here) are used.
+    _assert_same([next(train(process_index=None, process_count=None))], [next(train())])
+
+
+def test_same_seed_same_batches_other_seed_other_batches(train):
+    _assert_same(_take(train(), 3), _take(train(), 3))
+    other = _take(train(seed=1), 3)
+    assert not np.array_equal(other[0]["id"], _take(train(), 1)[0]["id"])
+
+
+def test_every_example_once_per_epoch_in_a_new_order(train, shapes_sizes):
+    n = shapes_sizes["num_train"]
+    ids = np.concatenate([b["id"] for b in _take(train(pp="keep('id')"), 3 * n // 16)])
+    epochs = ids.reshape(3, n)
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(n))
+    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+
+
+def test_augmentation_differs_between_epochs(train, shapes_sizes):
+    n = shapes_sizes["num_train"]
+    batches = _take(train(pp=AUGMENT + "|keep('image', 'id')"), 2 * n // 16)
+    ids = np.concatenate([b["id"] for b in batches])
+    images = np.concatenate([b["image"] for b in batches])
+    first, second = np.flatnonzero(ids == 7)
+    assert not np.array_equal(images[first], images[second])
+
+
+def test_two_processes_together_make_the_single_process_batches(train):
+    single = _take(train(), 20)  # more than one epoch (15 batches)
+    shards = [_take(train(process_index=p, process_count=2), 20) for p in range(2)]
+    for step, global_batch in enumerate(single):
+        for p in range(2):
+            # Process p holds rows p, p + 2, ... of the global batch, with the same augmentation.
+            _assert_same([shards[p][step]], [{k: v[p::2] for k, v in global_batch.items()}])
+
+
+def test_get_state_set_state_resumes_exactly(train):
+    iterator = train()
+    _take(iterator, 13)
+    state = iterator.get_state()
+    expected = _take(iterator, 5)  # crosses the epoch boundary at batch 15
+    resumed = train()
+    resumed.set_state(state)
+    _assert_same(_take(resumed, 5), expected)
+
+
+def test_orbax_composite_checkpoint_restores_the_stream(train, tmp_path):
+    iterator = train()
+    _take(iterator, 4)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(4, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
+        manager.wait_until_finished()
+    expected = _take(iterator, 3)
+    restored = train()
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.restore(4, args=ocp.args.Composite(
+            data=grain.checkpoint.CheckpointRestore(restored)))
+    _assert_same(_take(restored, 3), expected)
+
+
+def test_worker_processes_give_the_same_batches_and_resume(train):
+    expected = _take(train(), 6)
+    iterator = train(worker_count=2)
+    try:
+        _assert_same(_take(iterator, 3), expected[:3])
+        state = iterator.get_state()
+        _assert_same(_take(iterator, 3), expected[3:])
+        iterator.set_state(state)
+        _assert_same(_take(iterator, 3), expected[3:])
+    finally:
+        iterator.close()
+
+
+def test_eval_pads_and_masks_so_each_example_appears_once(shapes_dir, shapes_sizes):
+    n = shapes_sizes["num_test"]  # 48 examples, global batch 9: 6 batches, 6 padding rows
+    per_process = [list(pipeline.eval_iterator(
+        dataset=shapes_dir, split="test", global_batch_size=9,
+        pp="decode|value_range(-1, 1)|keep('image', 'caption', 'id')",
+        process_index=p, process_count=3)) for p in range(3)]
+    assert [len(batches) for batches in per_process] == [6, 6, 6]
+    seen = []
+    for batches in per_process:
+        for batch in batches:
+            assert batch["image"].shape == (3, 64, 64, 3) and batch["_mask"].dtype == bool
+            assert isinstance(batch["caption"][0], str)
+            seen += list(batch["id"][batch["_mask"]])
+    assert sorted(seen) == list(range(n))
+    assert sum((~b["_mask"]).sum() for batches in per_process for b in batches) == 6
+
+
+def test_eval_single_process_keeps_stored_order(digits_dir):
+    batches = list(pipeline.eval_iterator(dataset=digits_dir, split="test", pp="keep('id')",
+                                          global_batch_size=100, process_index=0,
+                                          process_count=1))
+    ids = np.concatenate([b["id"][b["_mask"]] for b in batches])
+    assert len(batches) == 4 and np.all(np.diff(ids) > 0) and len(ids) == 359
+
+
+def test_dataset_info(digits_dir, shapes_dir, data_dir):
+    info = pipeline.dataset_info("digits", data_dir=data_dir)
+    assert info.path == digits_dir
+    assert info.num_examples == {"train": 1438, "test": 359}
+    assert info.class_names == [str(d) for d in range(10)]
+    assert sorted(info.features) == ["id", "image", "label"]
+    shapes_info = pipeline.dataset_info(shapes_dir)
+    assert len(shapes_info.class_names) == 30 and "red circle" in shapes_info.class_names
+    assert {"caption", "objects"} <= set(shapes_info.features)
+
+
+def test_errors_name_the_offending_values(train, data_dir, digits_dir):
+    with pytest.raises(ValueError, match="global_batch_size=15.*process_count=2"):
+        train(global_batch_size=15, process_count=2)
+    with pytest.raises(ValueError, match="240 examples, fewer than one global batch of 256"):
+        train(global_batch_size=256)
+    with pytest.raises(ValueError, match=r"no split 'validation'.*\['heldout', 'test', 'train'\]"):
+        train(split="validation")
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet2012'.*'digits', 'shapes'"):
+        pipeline.dataset_info("imagenet2012")
+    with pytest.raises(ValueError, match="no dataset_info.json.*below it.*digits"):
+        pipeline.dataset_info(data_dir)
+    with pytest.raises(ValueError, match="unknown pp op 'flip'"):
+        train(pp="decode|flip")
+    with pytest.raises(ValueError, match="'objects' is a dict, which cannot be batched"):
+        next(train(pp="decode"))
+
+
+def test_no_tensorflow_is_imported(train):
+    next(train())
+    assert "tensorflow" not in sys.modules

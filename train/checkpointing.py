@@ -1,0 +1,59 @@
+"""Orbax checkpoints of everything a run needs to continue bit-for-bit.
+
+Each step directory under `<workdir>/checkpoints/` holds three items: `state` (params, optimizer
+state, extra objective state, step, RNG), `data` (the grain iterator's position, one file per
+process) and `config` (JSON, for the record). Saving is asynchronous and keeps the last N; Orbax
+writes into a temporary directory and renames it when complete, so an interrupted save never
+replaces a good checkpoint. Restoring takes the target shardings of the current mesh, so a
+checkpoint moves to a different mesh shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import grain.checkpoint as grain_ckpt
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """A CheckpointManager over `<workdir>/checkpoints` with the items above."""
+
+    def __init__(self, workdir: str, *, keep: int, asynchronous: bool):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: dict, data_iterator=None, config=None) -> None:
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items["data"] = grain_ckpt.CheckpointSave(data_iterator)
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, step: int, abstract_state: dict, data_iterator=None) -> dict:
+        """Restores `state` into `abstract_state`'s shapes and shardings (and the iterator)."""
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data"] = grain_ckpt.CheckpointRestore(data_iterator)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"Checkpoint {self.directory}/{step} does not fit this config's model "
+                             f"or optimizer (was the config changed?): {e}") from e
+        return restored["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

@@ -1,0 +1,175 @@
+"""The one trainer loop for every method, and the evaluation of a saved run.
+
+Resumes automatically from the latest checkpoint in the workdir; logs to metrics.jsonl and
+TensorBoard; runs evaluators on their own schedules; stops on the first non-finite loss or
+gradient without saving the bad state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+
+from vistax.data import pipeline
+from vistax.evals.base import to_host
+from vistax.train import durations
+from vistax.train.checkpointing import Checkpointer
+from vistax.train.experiment import Experiment
+from vistax.train.metrics import MetricWriter, Progress, Throughput, peak_flops_per_device
+
+log = logging.getLogger("vistax")
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised when a step produced a NaN/Inf loss or gradient norm."""
+
+
+def _every(key: str, text: str, exp: Experiment) -> int:
+    return max(1, durations.steps(key, text, global_batch=exp.config.input.batch_size,
+                                  epoch_size=exp.epoch_size))
+
+
+def _write_config(workdir: str, config) -> None:
+    """Writes workdir/config.json on the first start; a resume with a changed config keeps the
+    original and records the new one beside it, so nothing written earlier is replaced."""
+    path = os.path.join(workdir, "config.json")
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    if not os.path.exists(path):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return
+    with open(path, encoding="utf-8") as f:
+        if f.read() == text:
+            return
+    i = 1
+    while os.path.exists(os.path.join(workdir, f"config.{i}.json")):
+        i += 1
+    with open(os.path.join(workdir, f"config.{i}.json"), "w", encoding="utf-8") as f:
+        f.write(text)
+    log.warning("Config differs from %s; saved the new one as config.%d.json.", path, i)
+
+
+def _check_finite(state: dict, step: int, last_saved: int | None, metrics: dict) -> None:
+    bad = int(jax.device_get(state["first_nonfinite_step"]))
+    if bad >= 0:
+        raise NonFiniteError(
+            f"Non-finite loss or gradient norm first at step {bad + 1} (latest logged metrics: "
+            f"{json.dumps({k: float(v) for k, v in metrics.items()})}). The bad state was not "
+            f"saved; the last good checkpoint is step {last_saved}. Lower the learning rate, enable "
+            "grad_clip_norm or check the input data.")
+
+
+def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
+    """Trains `config` in `workdir` (resuming if it holds checkpoints); returns last metrics.
+
+    `stop_after` ends the process's work after that many steps of this invocation (as if
+    interrupted), without a final checkpoint: tests use it to simulate preemption.
+    """
+    exp = Experiment(config)
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+        _write_config(workdir, config)
+    ckpt = Checkpointer(workdir, keep=config.checkpoint.keep,
+                        asynchronous=config.checkpoint.asynchronous)
+    writer = MetricWriter(workdir, enabled=is_main)
+    inp = config.input
+    data_iter = pipeline.train_iterator(
+        dataset=inp.dataset, split=inp.split, pp=inp.pp, global_batch_size=inp.batch_size,
+        seed=config.seed, data_dir=inp.data_dir, worker_count=inp.worker_count)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state = ckpt.restore(latest, exp.abstract_state, data_iter)
+    else:
+        state = exp.init_state()
+    step = int(jax.device_get(state["step"]))
+    total = exp.total_steps
+    log_every = _every("log_every", config.log_every, exp)
+    ckpt_every = _every("checkpoint.every", config.checkpoint.every, exp)
+    evaluators = exp.evaluators()
+    eval_every = {name: _every(f"evals.{name}.every", cfg.get("every", "1 epochs"), exp)
+                  for name, cfg in config.evals.items()}
+    peak, peak_source = peak_flops_per_device(jax.devices()[0], config.peak_flops_per_device)
+    speed = Throughput(batch_size=inp.batch_size, num_devices=jax.device_count(),
+                       flops_per_step=exp.flops_per_step, peak_per_device=peak)
+    progress = Progress(total_steps=total, mode=config.progress)
+    if is_main:
+        resumed = f", resumed from step {latest}" if latest is not None else ""
+        progress.message(f"vistax: {total} steps of {inp.batch_size} examples on "
+                         f"{jax.device_count()} {jax.devices()[0].platform} devices, mesh "
+                         f"{dict(exp.mesh.shape)}{resumed}; peak {peak:.3g} FLOP/s/device "
+                         f"({peak_source}).")
+    last_saved = latest
+    metrics, logged = {}, {}
+    start_step = step
+    try:
+        while step < total:
+            if stop_after is not None and step - start_step >= stop_after:
+                return logged
+            batch = exp.global_batch(next(data_iter))
+            state, metrics = exp.train_step(state, batch)
+            step += 1
+            if not speed.started():
+                jax.block_until_ready(metrics)
+                speed.start()
+            else:
+                speed.count()
+            is_last = step == total
+            if step % log_every == 0 or is_last:
+                host = to_host(metrics)
+                _check_finite(state, step, last_saved, host)
+                logged = {f"train/{k}": float(v) for k, v in host.items()}
+                logged["train/epoch"] = step / exp.steps_per_epoch if exp.steps_per_epoch else 0.0
+                logged.update(speed.read())
+                writer.write(step, logged)
+                if is_main:
+                    progress.update(step, logged)
+            due = [n for n in evaluators if step % eval_every[n] == 0 or is_last]
+            if due:
+                speed.pause()
+                results = {}
+                for name in due:
+                    for key, value in evaluators[name].run(state).items():
+                        results[f"eval/{name}/{key}"] = value
+                writer.write(step, results)
+                logged.update(results)
+                if is_main:
+                    progress.message(f"step {step}: " + ", ".join(
+                        f"{k}={v:.4g}" for k, v in results.items()))
+                speed.resume()
+            if step % ckpt_every == 0 or is_last:
+                speed.pause()
+                _check_finite(state, step, last_saved, to_host(metrics))
+                ckpt.save(step, state, data_iter, config)
+                last_saved = step
+                speed.resume()
+        return logged
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+
+
+def evaluate(config, workdir: str, *, step: int | None = None) -> dict:
+    """Runs all configured evaluators on the latest (or given) checkpoint in `workdir`."""
+    exp = Experiment(config)
+    ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, asynchronous=False)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"No checkpoint in {ckpt.directory}; train first with "
+                                f"`vistax train --workdir={workdir}`.")
+    if not exp.config.evals:
+        raise ValueError("config.evals is empty: nothing to evaluate.")
+    state = ckpt.restore(step, exp.abstract_state)
+    ckpt.close()
+    results = {}
+    for name, evaluator in exp.evaluators().items():
+        for key, value in evaluator.run(state).items():
+            results[f"eval/{name}/{key}"] = value
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    writer.write(step, results)
+    writer.close()
+    return results

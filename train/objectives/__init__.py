@@ -1,0 +1,14 @@
+"""Objectives by name: `config.objective` selects one; adding a method adds a module here."""
+
+from vistax.train.objectives.base import Objective
+from vistax.train.objectives.classification import Classification
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    "classification": Classification,
+}
+
+
+def get(name: str | None) -> type[Objective]:
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective={name!r} is not one of {sorted(OBJECTIVES)}.")
+    return OBJECTIVES[name]

@@ -1,0 +1,52 @@
+"""What an objective supplies to the shared trainer loop; the loop knows no method.
+
+An objective, for one family of methods, says how to build its model from the config, its loss
+as a pure function of (model, extra state, batch, rng), how its extra state moves after each
+step (EMA teachers, centers, temperature clamps), and which encoders it exposes to evaluators.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+from flax import nnx
+
+# encoder(model, extra, batch) -> array, e.g. logits or an image embedding for evaluators.
+Encoder = Callable[[nnx.Module, object, dict], jax.Array]
+
+
+class Objective:
+    """Base class; subclasses override `build_model`, `loss` and usually `encoders`."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def validate(self) -> None:
+        """Checks this objective's config keys before any work; raises ValueError naming them."""
+
+    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        raise NotImplementedError
+
+    def init_extra(self, model: nnx.Module):
+        """State the optimizer does not touch (e.g. an EMA teacher); a pytree of arrays."""
+        del model
+        return {}
+
+    def loss(self, model: nnx.Module, extra, batch: dict, rng: jax.Array
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Scalar loss and scalar metrics for one (micro)batch; pure, traced inside jit."""
+        raise NotImplementedError
+
+    def after_update(self, params, extra, step: jax.Array):
+        """Moves (params, extra) after the optimizer step; identity by default."""
+        del step
+        return params, extra
+
+    def encoders(self) -> dict[str, Encoder]:
+        """Named functions evaluators call, e.g. {'logits': ..., 'image_features': ...}."""
+        return {}
+
+    def flops_per_example(self) -> float | None:
+        """Forward FLOPs per training example, for MFU; None if unknown."""
+        return None

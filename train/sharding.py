@@ -1,0 +1,153 @@
+"""Mesh from config, logical-axis rules -> shardings of any state tree, global batches.
+
+Parameters name logical axes (models/layers.py); `config.sharding_rules` maps them to the mesh
+axes `data`, `fsdp`, `tensor`. Shardings of parameters, optimizer state and extra objective
+state all come from one pass over an `eval_shape`d state tree, never written per model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def _mesh_shape(key: str, sizes: Mapping[str, int], fill_to: int | None) -> tuple[int, ...]:
+    unknown = sorted(set(sizes) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"{key} has unknown axes {unknown}; the mesh axes are {list(MESH_AXES)}.")
+    shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
+    auto = [a for a, s in zip(MESH_AXES, shape) if s == -1]
+    bad = [f"{key}.{a}={s}" for a, s in zip(MESH_AXES, shape) if s == 0 or s < -1]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: mesh sizes must be positive, or -1 for 'the rest'.")
+    if len(auto) > 1 or (auto and fill_to is None):
+        raise ValueError(f"{key}: at most one axis may be -1 (got {auto}).")
+    known = math.prod(s for s in shape if s != -1)
+    if auto:
+        if fill_to % known:
+            raise ValueError(f"{key}={dict(sizes)}: {fill_to} devices do not divide by the fixed "
+                             f"axes' product {known}.")
+        shape[MESH_AXES.index(auto[0])] = fill_to // known
+    return tuple(shape)
+
+
+def make_mesh(ici: Mapping[str, int], dcn: Mapping[str, int] | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds the (data, fsdp, tensor) mesh; `ici` within a slice/host, `dcn` across them.
+
+    One `ici` size may be -1 (filled from the device count). With a DCN part, devices are
+    grouped by TPU slice or, elsewhere (multi-node GPU, multi-process CPU), by process.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    dcn_shape = _mesh_shape("mesh_dcn", dcn or {}, None)
+    n_dcn = math.prod(dcn_shape)
+    if len(devices) % n_dcn:
+        raise ValueError(f"mesh_dcn={dict(dcn)} asks for {n_dcn} slices but there are "
+                         f"{len(devices)} devices.")
+    ici_shape = _mesh_shape("mesh", ici, len(devices) // n_dcn)
+    total = math.prod(ici_shape) * n_dcn
+    if total != len(devices):
+        raise ValueError(f"mesh={dict(ici)} x mesh_dcn={dict(dcn or {})} covers {total} devices, "
+                         f"but there are {len(devices)}. Set one mesh axis to -1 to fill.")
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if n_dcn == 1:
+        return jax.make_mesh(ici_shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    by_slice = hasattr(devices[0], "slice_index")
+    grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
+                                                process_is_granule=not by_slice)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def rules_dict(rules: Sequence[tuple[str, object]]) -> dict:
+    """Validates the rule table and returns it as {logical: mesh axes}."""
+    out = {}
+    for entry in rules:
+        if len(entry) != 2:
+            raise ValueError(f"sharding_rules entry {entry!r}: expected (logical_name, mesh_axes).")
+        name, axes = entry
+        for axis in (axes if isinstance(axes, (tuple, list)) else (axes,)):
+            if axis is not None and axis not in MESH_AXES:
+                raise ValueError(f"sharding_rules maps {name!r} to unknown mesh axis {axis!r}; "
+                                 f"mesh axes are {list(MESH_AXES)}.")
+        out[name] = tuple(axes) if isinstance(axes, list) else axes
+    return out
+
+
+def _axis_size(mesh: Mesh, axes) -> int:
+    if axes is None:
+        return 1
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def tree_shardings(abstract_tree, mesh: Mesh, rules: Sequence[tuple[str, object]]):
+    """NamedShardings for every array in `abstract_tree` (e.g. an `eval_shape`d train state).
+
+    Variables with logical axis metadata follow the rules; other arrays (step counters, RNG
+    keys, optimizer scalars) are replicated. A dimension that does not divide by its mesh axes
+    is an error naming the array, rather than a silent replication.
+    """
+    rules = tuple(rules_dict(rules).items())
+    with nnx.logical_axis_rules(rules):
+        specs = nnx.get_partition_spec(abstract_tree)
+    flat_specs = jax.tree_util.tree_flatten_with_path(specs)[0]
+    flat_shapes = jax.tree.leaves(abstract_tree)
+    for (path, spec), leaf in zip(flat_specs, flat_shapes):
+        spec = spec if isinstance(spec, PartitionSpec) else PartitionSpec()
+        for dim, axes in zip(leaf.shape, spec):
+            size = _axis_size(mesh, axes)
+            if dim % size:
+                raise ValueError(
+                    f"Cannot shard {path_name(path)} of shape {tuple(leaf.shape)} with "
+                    f"{spec}: dimension {dim} does not divide by mesh axes {axes} of size {size}. "
+                    "Change the mesh or config.sharding_rules.")
+    return jax.tree.map(lambda s: NamedSharding(mesh, s if isinstance(s, PartitionSpec)
+                                                else PartitionSpec()), specs)
+
+
+def path_name(path) -> str:
+    """'encoder/blocks/attn/query/kernel' from a jax key path (Variable `.value` keys dropped)."""
+    parts = []
+    for key in path:
+        name = getattr(key, "key", None)
+        if name is None:
+            name = getattr(key, "name", None)
+        if name is None:
+            name = getattr(key, "idx", None)
+        if name in (None, "value") and not isinstance(name, int):
+            continue
+        parts.append(str(name))
+    return "/".join(parts)
+
+
+def batch_axes(rules: Sequence[tuple[str, object]]):
+    """Mesh axes of the leading (batch) dimension, from the `batch` rule."""
+    return rules_dict(rules).get("batch")
+
+
+def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, object]]) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(batch_axes(rules)))
+
+
+def num_batch_shards(mesh: Mesh, rules: Sequence[tuple[str, object]]) -> int:
+    return _axis_size(mesh, batch_axes(rules))
+
+
+def global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
+    """Process-local numpy batch -> global jax.Arrays, batch dimension sharded over the mesh."""
+    out = {}
+    for key, value in local.items():
+        value = np.asarray(value)
+        if value.dtype == object or value.dtype.kind in "US":
+            raise TypeError(f"Batch field {key!r} holds {value.dtype} values; tokenize text or drop "
+                            "it with keep(...) in the pp string before batching.")
+        out[key] = jax.make_array_from_process_local_data(sharding, value)
+    return out
