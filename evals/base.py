@@ -27,13 +27,11 @@ class EvalContext:
     data_dir: str | None
     process_index: int
     process_count: int
-    batch_multiple: int  # global eval batches must be a multiple of this (batch shards)
 
-    def batches(self, cfg, *, name: str) -> Iterator[dict]:
-        """Global batches of an evaluator's (dataset, split, pp, batch_size), padded + `_mask`."""
-        if cfg.batch_size % self.batch_multiple:
-            raise ValueError(f"evals.{name}.batch_size={cfg.batch_size} must be a multiple of "
-                             f"{self.batch_multiple} (the mesh's batch shards x processes).")
+    def batches(self, cfg) -> Iterator[dict]:
+        """Global batches of an evaluator's (dataset, split, pp, batch_size), padded + `_mask`.
+
+        The trainer has checked that batch_size divides by the mesh's batch shards."""
         local = pipeline.eval_iterator(
             dataset=cfg.dataset, split=cfg.split, pp=cfg.pp, global_batch_size=cfg.batch_size,
             data_dir=self.data_dir, process_index=self.process_index,

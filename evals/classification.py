@@ -42,7 +42,7 @@ class ClassificationEvaluator(Evaluator):
 
     def run(self, state):
         totals = {}
-        for batch in self.ctx.batches(self.cfg, name=self.name):
+        for batch in self.ctx.batches(self.cfg):
             if "label" not in batch:
                 raise KeyError(f"evals.{self.name}: batches need an integer 'label'; pp "
                                f"{self.cfg.pp!r} gave {sorted(batch)}.")

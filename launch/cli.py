@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -59,6 +60,30 @@ def _require(*pairs) -> None:
         raise app.UsageError(f"missing {', '.join(missing)}")
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, plus a one-line error (not a traceback) for an override of a config
+    key that does not exist: ml_collections raises AttributeError/KeyError there."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:  # as absl's parse_flags_with_usage reports it
+        message = str(e)
+        message = f"\n{textwrap.indent(message, '  ')}" if "\n" in message else f" {message}"
+        sys.stderr.write(f"FATAL Flags parsing error:{message}\n"
+                         "Pass --helpshort or --helpfull to see help on flags.\n")
+        sys.exit(1)
+    except (AttributeError, KeyError) as e:
+        inner = e.args[0] if e.args and isinstance(e.args[0], Exception) else e
+        text = str(inner.args[0]) if inner.args else str(inner)
+        missing = text.split("\n")[0].strip("'\"")
+        overrides = [a for a in argv[1:] if a.startswith("--config.")
+                     and missing in a.partition("=")[0][len("--config."):].split(".")]
+        hint = " ".join(line.strip() for line in text.split("\n")[1:] if line.strip())
+        flag = overrides[0] if overrides else "a --config.* override"
+        sys.stderr.write(f"FATAL Flags parsing error: {flag}: the config has no key "
+                         f"{missing!r}. {hint}".rstrip() + "\n")
+        sys.exit(1)
+
+
 def _initialize_distributed() -> None:
     if _COORDINATOR.value is None and _NUM_PROCESSES.value is None:
         return
@@ -98,7 +123,8 @@ def main() -> None:
         print(_usage(), file=sys.stderr)
         sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
     command = sys.argv[1]
-    app.run(lambda argv: _run(command, argv), argv=[f"vistax {command}"] + sys.argv[2:])
+    app.run(lambda argv: _run(command, argv), argv=[f"vistax {command}"] + sys.argv[2:],
+            flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ derives every sharding from an `eval_shape`d state. Both `vistax train` and `vis
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 
 import jax
@@ -17,11 +16,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vistax import evals
-from vistax.data import pipeline
+from vistax.data import pipeline, preprocess
 from vistax.train import durations, objectives, optimizer as optimizer_lib, sharding
 from vistax.train.step import make_train_step
 
 PROGRESS_MODES = ("auto", "bar", "lines")
+PRNG_IMPLS = ("rbg", "unsafe_rbg", "threefry2x32")
 
 
 def _check_static(config, mesh, process_count: int) -> None:
@@ -29,11 +29,18 @@ def _check_static(config, mesh, process_count: int) -> None:
     for key in ("duration", "log_every", "schedule.warmup", "checkpoint.every"):
         durations.parse_duration(key, config[key] if "." not in key
                                  else config[key.split(".")[0]][key.split(".")[1]])
+    batch = config.input.batch_size
+    shards = sharding.num_batch_shards(mesh, config.sharding_rules)
+    _check_pp("input.pp", config.input.pp)
+    eval_multiple = math.lcm(shards, process_count)
     for name, cfg in config.evals.items():
         durations.parse_duration(f"evals.{name}.every", cfg.get("every", "1 epochs"))
         evals.get(name, cfg.get("type"))
-    batch = config.input.batch_size
-    shards = sharding.num_batch_shards(mesh, config.sharding_rules)
+        _check_pp(f"evals.{name}.pp", cfg.get("pp", ""))
+        eval_batch = cfg.get("batch_size", 0)
+        if eval_batch <= 0 or eval_batch % eval_multiple:
+            raise ValueError(f"evals.{name}.batch_size={eval_batch} must be a positive multiple of "
+                             f"{eval_multiple} (the mesh's batch shards and the processes).")
     accum = config.grad_accum_steps
     if batch <= 0:
         raise ValueError(f"input.batch_size={batch} must be positive.")
@@ -45,6 +52,8 @@ def _check_static(config, mesh, process_count: int) -> None:
                          f", batch over {sharding.batch_axes(config.sharding_rules)}).")
     if batch % process_count:
         raise ValueError(f"input.batch_size={batch} is not divisible by the {process_count} processes.")
+    if config.prng_impl not in PRNG_IMPLS:
+        raise ValueError(f"prng_impl={config.prng_impl!r} is not one of {list(PRNG_IMPLS)}.")
     if config.progress not in PROGRESS_MODES:
         raise ValueError(f"progress={config.progress!r} is not one of {list(PROGRESS_MODES)}.")
     if config.checkpoint.keep < 1:
@@ -72,6 +81,13 @@ def check_config(config, *, devices=None):
     return objective, mesh, graphdef, abstract_params
 
 
+def _check_pp(key: str, spec: str) -> None:
+    try:
+        preprocess.parse(spec)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None
+
+
 class Experiment:
     """Built pieces of one run; see module docstring."""
 
@@ -96,17 +112,20 @@ class Experiment:
                                                       total_steps=self.total_steps,
                                                       warmup_steps=warmup)
         with self.context():
-            abstract = jax.eval_shape(self._init_state, jax.random.PRNGKey(0))
+            abstract = jax.eval_shape(self._init_state, self._key_data(0))
         self.state_shardings = sharding.tree_shardings(abstract, self.mesh, self.rules)
         self.abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
             self.state_shardings)
         step = make_train_step(self.objective, self.graphdef, self.optimizer,
-                               accum_steps=config.grad_accum_steps, batch_axes=self.batch_axes)
+                               accum_steps=config.grad_accum_steps, batch_axes=self.batch_axes,
+                               prng_impl=config.prng_impl)
         self._step = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
                              out_shardings=(self.state_shardings, self.replicated),
                              donate_argnums=0)
         self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+        self.evaluators = {name: evals.get(name, cfg.type)(name, cfg, self._eval_context())
+                           for name, cfg in config.evals.items()}
 
     # -- building --------------------------------------------------------------------------
 
@@ -117,15 +136,27 @@ class Experiment:
         stack.enter_context(nnx.logical_axis_rules(self.rules))
         return stack
 
-    def _epoch_size(self) -> int | None:
-        inp = self.config.input
-        info = pipeline.dataset_info(inp.dataset, data_dir=inp.data_dir)
-        if inp.split not in info.num_examples:
-            raise ValueError(f"input.split={inp.split!r} is not a split of {inp.dataset!r}; it has "
+    def _split_size(self, key: str, dataset: str, split: str) -> int:
+        """Examples in `split` of `dataset`; errors name the config key."""
+        info = pipeline.dataset_info(dataset, data_dir=self.config.input.data_dir)
+        base = split.split("[")[0]  # tfds slices such as 'train[:90%]'
+        if base not in info.num_examples:
+            raise ValueError(f"{key}={split!r} is not a split of {dataset!r}; it has "
                              f"{sorted(info.num_examples)}.")
-        return info.num_examples[inp.split]
+        return info.num_examples[base]
 
-    def _init_state(self, key: jax.Array) -> dict:
+    def _epoch_size(self) -> int:
+        for name, cfg in self.config.evals.items():
+            self._split_size(f"evals.{name}.split", cfg.dataset, cfg.split)
+        inp = self.config.input
+        return self._split_size("input.split", inp.dataset, inp.split)
+
+    def _key_data(self, seed: int) -> jax.Array:
+        """Raw uint32 key data: what the state stores (checkpointable as a plain array)."""
+        return jax.random.key_data(jax.random.key(seed, impl=self.config.prng_impl))
+
+    def _init_state(self, key_data: jax.Array) -> dict:
+        key = jax.random.wrap_key_data(key_data, impl=self.config.prng_impl)
         k_params, k_rng = jax.random.split(key)
         model = self.objective.build_model(nnx.Rngs(params=k_params))
         _, params, model_state = nnx.split(model, nnx.Param, ...)
@@ -135,7 +166,7 @@ class Experiment:
             "model_state": model_state,
             "opt_state": self.optimizer.tx.init(params),
             "extra": self.objective.init_extra(model),
-            "rng": k_rng,
+            "rng": jax.random.key_data(k_rng),
             "first_nonfinite_step": jnp.full((), -1, jnp.int32),
         }
 
@@ -144,7 +175,7 @@ class Experiment:
     def init_state(self, seed: int | None = None) -> dict:
         """Fresh state, initialised directly in its shards."""
         with self.context():
-            return self._init(jax.random.PRNGKey(self.config.seed if seed is None else seed))
+            return self._init(self._key_data(self.config.seed if seed is None else seed))
 
     def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
         """One optimizer step; `state` is donated (do not reuse it)."""
@@ -186,15 +217,8 @@ class Experiment:
 
         return call
 
-    @functools.cached_property
-    def eval_context(self) -> evals.EvalContext:
+    def _eval_context(self) -> evals.EvalContext:
         return evals.EvalContext(
             compile=self.compile_eval, encoders=self.objective.encoders(),
             global_batch=self.global_batch, data_dir=self.config.input.data_dir,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-            batch_multiple=math.lcm(sharding.num_batch_shards(self.mesh, self.rules),
-                                    jax.process_count()))
-
-    def evaluators(self) -> dict[str, evals.Evaluator]:
-        return {name: evals.get(name, cfg.type)(name, cfg, self.eval_context)
-                for name, cfg in self.config.evals.items()}
+            process_index=jax.process_index(), process_count=jax.process_count())

@@ -68,7 +68,11 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     `stop_after` ends the process's work after that many steps of this invocation (as if
     interrupted), without a final checkpoint: tests use it to simulate preemption.
     """
-    exp = Experiment(config)
+    exp = Experiment(config)  # validates everything; nothing is written before this passes
+    inp = config.input
+    data_iter = pipeline.train_iterator(
+        dataset=inp.dataset, split=inp.split, pp=inp.pp, global_batch_size=inp.batch_size,
+        seed=config.seed, data_dir=inp.data_dir, worker_count=inp.worker_count)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     if is_main:
@@ -76,10 +80,6 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     ckpt = Checkpointer(workdir, keep=config.checkpoint.keep,
                         asynchronous=config.checkpoint.asynchronous)
     writer = MetricWriter(workdir, enabled=is_main)
-    inp = config.input
-    data_iter = pipeline.train_iterator(
-        dataset=inp.dataset, split=inp.split, pp=inp.pp, global_batch_size=inp.batch_size,
-        seed=config.seed, data_dir=inp.data_dir, worker_count=inp.worker_count)
     latest = ckpt.latest_step()
     if latest is not None:
         state = ckpt.restore(latest, exp.abstract_state, data_iter)
@@ -89,7 +89,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     total = exp.total_steps
     log_every = _every("log_every", config.log_every, exp)
     ckpt_every = _every("checkpoint.every", config.checkpoint.every, exp)
-    evaluators = exp.evaluators()
+    evaluators = exp.evaluators
     eval_every = {name: _every(f"evals.{name}.every", cfg.get("every", "1 epochs"), exp)
                   for name, cfg in config.evals.items()}
     peak, peak_source = peak_flops_per_device(jax.devices()[0], config.peak_flops_per_device)
@@ -155,18 +155,18 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
 
 def evaluate(config, workdir: str, *, step: int | None = None) -> dict:
     """Runs all configured evaluators on the latest (or given) checkpoint in `workdir`."""
+    if not config.evals:
+        raise ValueError("config.evals is empty: nothing to evaluate.")
     exp = Experiment(config)
-    ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, asynchronous=False)
+    ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, asynchronous=False, create=False)
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"No checkpoint in {ckpt.directory}; train first with "
                                 f"`vistax train --workdir={workdir}`.")
-    if not exp.config.evals:
-        raise ValueError("config.evals is empty: nothing to evaluate.")
     state = ckpt.restore(step, exp.abstract_state)
     ckpt.close()
     results = {}
-    for name, evaluator in exp.evaluators().items():
+    for name, evaluator in exp.evaluators.items():
         for key, value in evaluator.run(state).items():
             results[f"eval/{name}/{key}"] = value
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)

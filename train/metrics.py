@@ -37,7 +37,7 @@ PEAK_FLOPS = {
 
 
 @functools.lru_cache(maxsize=None)
-def measured_cpu_peak(size: int = 2048, repeats: int = 5) -> float:
+def measured_cpu_peak(size: int = 1024, repeats: int = 3) -> float:
     """FLOP/s of the host CPU: the best float32 matmul rate of numpy's BLAS and of XLA.
 
     Other load on the machine lowers this figure (and so raises MFU); set

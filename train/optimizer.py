@@ -47,12 +47,18 @@ def make_schedule(cfg, *, total_steps: int, warmup_steps: int, batch_size: int) 
     return optax.join_schedules([warmup, main], [warmup_steps])
 
 
+def _is_masked(x) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
 def _per_leaf_scale(scales) -> optax.GradientTransformation:
     """Multiplies each update leaf by a fixed Python number (skipped where it is 1)."""
 
     def update(updates, state, params=None):
         del params
-        return jax.tree.map(lambda u, s: u if s == 1.0 else u * s, updates, scales), state
+        # Inside the `trainable` branch of multi_transform, frozen leaves are MaskedNodes.
+        return jax.tree.map(lambda u, s: u if s == 1.0 or _is_masked(u) else u * s, updates,
+                            scales, is_leaf=_is_masked), state
 
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
@@ -61,8 +67,8 @@ def _decoupled_weight_decay(rates) -> optax.GradientTransformation:
     """Adds rate x param to each update (before the learning rate, as optax.adamw does)."""
 
     def update(updates, state, params):
-        return jax.tree.map(lambda u, p, r: u if r == 0.0 else u + r * p, updates, params,
-                            rates), state
+        return jax.tree.map(lambda u, p, r: u if r == 0.0 or _is_masked(u) else u + r * p,
+                            updates, params, rates, is_leaf=_is_masked), state
 
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 

@@ -114,17 +114,20 @@ def tree_shardings(abstract_tree, mesh: Mesh, rules: Sequence[tuple[str, object]
 
 
 def path_name(path) -> str:
-    """'encoder/blocks/attn/query/kernel' from a jax key path (Variable `.value` keys dropped)."""
+    """'encoder/blocks/attn/value/kernel' from a jax key path.
+
+    An NNX Variable adds a trailing attribute key `.value` for its array; that one is dropped,
+    while a module or dict entry that happens to be called `value` is kept.
+    """
+    path = list(path)
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
     parts = []
     for key in path:
-        name = getattr(key, "key", None)
-        if name is None:
-            name = getattr(key, "name", None)
-        if name is None:
-            name = getattr(key, "idx", None)
-        if name in (None, "value") and not isinstance(name, int):
-            continue
-        parts.append(str(name))
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
     return "/".join(parts)
 
 

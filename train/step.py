@@ -1,10 +1,10 @@
 """The one train step: a pure function (state, batch) -> (state, metrics), jitted by the caller.
 
 State is a dict of pytrees: `step`, `params`, `model_state` (non-parameter model variables),
-`opt_state`, `extra` (objective state such as an EMA teacher), `rng` (a base key; step t uses
-`fold_in(rng, t)`, so a resumed run draws the same randomness) and `first_nonfinite_step` (-1
-until a loss or gradient norm is NaN/Inf, then the first such step; the loop stops on it).
-"""
+`opt_state`, `extra` (objective state such as an EMA teacher), `rng` (raw data of a base key
+of `config.prng_impl`; step t uses `fold_in(key, t)`, so a resumed run draws the same
+randomness) and `first_nonfinite_step` (-1 until a loss or gradient norm is NaN/Inf, then the
+first such step; the loop stops on it)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def split_microbatches(batch: dict, n: int, batch_axes) -> dict:
 
 
 def make_train_step(objective: Objective, graphdef, optimizer: Optimizer, *, accum_steps: int,
-                    batch_axes):
+                    batch_axes, prng_impl: str):
     """Builds step(state, batch) for `objective` with gradient accumulation over `accum_steps`."""
 
     def loss_fn(params, model_state, extra, batch, rng):
@@ -70,7 +70,8 @@ def make_train_step(objective: Objective, graphdef, optimizer: Optimizer, *, acc
                 jax.tree.map(lambda g: g * scale, grads))
 
     def step(state: dict, batch: dict) -> tuple[dict, dict]:
-        rng = jax.random.fold_in(state["rng"], state["step"])
+        key = jax.random.wrap_key_data(state["rng"], impl=prng_impl)
+        rng = jax.random.fold_in(key, state["step"])
         params = state["params"]
         loss, metrics, model_state, grads = gradients(params, state["model_state"], state["extra"],
                                                       batch, rng)

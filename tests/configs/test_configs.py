@@ -1,0 +1,200 @@
+"""Config files: the `preset,key=value` argument, every preset of every file validating on the
+8 simulated devices, and `check_config` errors that name the offending key and value."""
+
+import glob
+import importlib
+import os
+
+import jax
+import pytest
+
+from vistax.configs import common, vit
+from vistax.train import experiment
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs")
+
+
+def config_modules():
+    """(name, module) of every file in configs/ that defines get_config."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py"))):
+        name = os.path.splitext(os.path.basename(path))[0]
+        module = importlib.import_module(f"vistax.configs.{name}")
+        if hasattr(module, "get_config"):
+            found.append((name, module))
+    return found
+
+
+def all_presets():
+    return [pytest.param(module, preset, id=f"{name}:{preset}")
+            for name, module in config_modules()
+            for preset in getattr(module, "PRESETS", (None,))]
+
+
+def test_config_files_are_discovered():
+    names = [name for name, _ in config_modules()]
+    assert "vit" in names and "common" not in names
+
+
+# -- parse_arg -------------------------------------------------------------------------------
+
+
+def test_parse_arg_preset_default_and_options():
+    presets = ("tiny", "B/16")
+    assert common.parse_arg(None, presets=presets, variant="").to_dict() == dict(preset="tiny",
+                                                                                variant="")
+    assert common.parse_arg("", presets=presets).preset == "tiny"
+    assert common.parse_arg("B/16", presets=presets).preset == "B/16"
+    arg = common.parse_arg("tiny,variant=S/16", presets=presets, variant="")
+    assert arg.preset == "tiny" and arg.variant == "S/16" and isinstance(arg.variant, str)
+    # Options without a preset keep the default preset.
+    arg = common.parse_arg("variant=mu/4", presets=presets, variant="")
+    assert arg.preset == "tiny" and arg.variant == "mu/4"
+
+
+def test_parse_arg_literals():
+    arg = common.parse_arg(" tiny , depth=6, runlocal=True, lr=1e-3, name=abc ",
+                           presets=("tiny",), depth=0, runlocal=False, lr=0.0, name="")
+    assert arg.depth == 6 and type(arg.depth) is int
+    assert arg.runlocal is True
+    assert arg.lr == 1e-3 and type(arg.lr) is float
+    assert arg.name == "abc"
+    # Options not given keep their declared defaults.
+    arg = common.parse_arg("tiny,depth=2", presets=("tiny",), depth=0, runlocal=False)
+    assert arg.depth == 2 and arg.runlocal is False
+
+
+def test_parse_arg_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"Unknown option 'foo'.*accepts \['variant'\]"):
+        common.parse_arg("tiny,foo=1", presets=("tiny",), variant="")
+    with pytest.raises(ValueError, match=r"Unknown option 'foo'.*accepts no options"):
+        common.parse_arg("tiny,foo=1", presets=("tiny",))
+    with pytest.raises(ValueError, match=r"Unknown preset 'huge'.*\['tiny', 'B/16'\]"):
+        common.parse_arg("huge", presets=("tiny", "B/16"))
+    with pytest.raises(ValueError, match=r"expected key=value after the preset, got 'S/16'"):
+        common.parse_arg("tiny,S/16", presets=("tiny", "S/16"))
+    with pytest.raises(ValueError, match=r"Unknown preset 'huge'"):
+        vit.get_config("huge")
+
+
+def test_vit_variant_option_replaces_the_model():
+    c = vit.get_config("tiny,variant=mu/4")
+    assert c.model.variant == "mu/4"
+    assert all(c.model[k] is None for k in ("width", "depth", "mlp_dim", "num_heads",
+                                             "patch_size"))
+    assert c.input.dataset == "digits"  # the rest of the preset stays
+
+
+# -- every preset validates ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module, preset", all_presets())
+def test_every_preset_passes_check_config(module, preset):
+    assert len(jax.devices()) == 8
+    config = module.get_config(preset)
+    objective, mesh, _, params = experiment.check_config(config)
+    assert mesh.size == 8
+    assert jax.tree.leaves(params)
+    assert config.input.batch_size % 8 == 0
+    assert objective.config is config
+
+
+def test_paper_presets_follow_deit():
+    for preset, drop_path in (("S/16", 0.0), ("B/16", 0.1), ("L/16", 0.1)):
+        c = vit.get_config(preset)
+        assert c.model.variant == preset and c.model.drop_path == drop_path
+        assert (c.optimizer.name, c.optimizer.weight_decay) == ("adamw", 0.05)
+        assert (c.schedule.base_lr, c.schedule.reference_batch_size) == (5e-4, 512)
+        assert (c.duration, c.schedule.warmup) == ("300 epochs", "5 epochs")
+        assert (c.loss.label_smoothing, c.loss.mixup_alpha, c.loss.cutmix_alpha) == (0.1, 0.8, 1.0)
+
+
+# -- check_config errors ---------------------------------------------------------------------
+
+
+def tiny(**overrides):
+    c = vit.get_config("tiny")
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        with node.ignore_type():
+            node[leaf] = value
+    return c
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"input.batch_size": 12},
+     r"input\.batch_size=12 .* is not divisible by the data-parallel size 8"),
+    ({"input.batch_size": 0}, r"input\.batch_size=0 must be positive"),
+    ({"mesh.tensor": 2, "input.batch_size": 6},
+     r"input\.batch_size=6 .* data-parallel size 4"),
+    ({"mesh.data": -1, "mesh.fsdp": -1}, r"mesh: at most one axis may be -1"),
+    ({"mesh.data": 2, "mesh.fsdp": 2}, r"covers 4 devices, but there are 8"),
+    ({"mesh.data": 3}, r"covers 3 devices, but there are 8"),
+    ({"mesh.data": -1, "mesh.tensor": 3}, r"8 devices do not divide by the fixed axes' product 3"),
+    ({"mesh.data": 0}, r"mesh\.data=0: mesh sizes must be positive"),
+    ({"mesh.pipeline": 1}, r"mesh has unknown axes \['pipeline'\]"),
+    ({"sharding_rules": (("batch", ("data", "pipe")),)},
+     r"sharding_rules maps 'batch' to unknown mesh axis 'pipe'"),
+    ({"optimizer.name": "adam"}, r"optimizer\.name='adam'"),
+    ({"schedule.name": "poly"}, r"schedule\.name='poly'"),
+    ({"objective": "dino"}, r"objective='dino'"),
+    ({"grad_accum_steps": 3}, r"grad_accum_steps=3 must be >= 1 and divide input\.batch_size=128"),
+    ({"grad_accum_steps": 0}, r"grad_accum_steps=0"),
+    ({"grad_accum_steps": 32}, r"input\.batch_size=128 / grad_accum_steps=32 = 4 is not divisible"),
+    ({"duration": "30"}, r"duration='30'"),
+    ({"log_every": "often"}, r"log_every='often'"),
+    ({"schedule.warmup": "3 minutes"}, r"schedule\.warmup='3 minutes'"),
+    ({"checkpoint.every": "epochs"}, r"checkpoint\.every='epochs'"),
+    ({"evals.test.every": "1 hour"}, r"evals\.test\.every='1 hour'"),
+    ({"evals.test.type": "knn"}, r"evals\.test\.type='knn'"),
+    ({"model.pool": "avg"}, r"model\.pool='avg'"),
+    ({"model.num_classes": 0}, r"model\.num_classes"),
+    ({"loss.label_smoothing": 1.0}, r"loss\.label_smoothing=1\.0"),
+    ({"progress": "fancy"}, r"progress='fancy'"),
+    ({"prng_impl": "philox"}, r"prng_impl='philox'"),
+    ({"checkpoint.keep": 0}, r"checkpoint\.keep=0"),
+    ({"input.dataset": None}, r"input\.dataset is not set"),
+    ({"param_groups.freeze": ("encoder/blocks/atn/.*",)},
+     r"param_groups\.freeze: pattern 'encoder/blocks/atn/\.\*' matches no parameter"),
+])
+def test_check_config_errors_name_key_and_value(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        experiment.check_config(tiny(**overrides))
+
+
+def test_indivisible_weight_names_the_parameter():
+    # The tiny ViT has 4 heads; 8-way tensor parallelism cannot split them.
+    config = tiny(**{"mesh.data": 1, "mesh.tensor": 8})
+    with pytest.raises(ValueError) as info:
+        experiment.check_config(config)
+    message = str(info.value)
+    assert "Cannot shard encoder/blocks/attn/" in message
+    assert "dimension 4 does not divide by mesh axes tensor of size 8" in message
+    # 4-way tensor parallelism does divide (data takes the other 2 devices).
+    experiment.check_config(tiny(**{"mesh.data": -1, "mesh.tensor": 4}))
+
+
+def test_fsdp_that_does_not_divide_names_the_parameter():
+    # width 128 over 8-way fsdp divides; width 36 (4 heads of 9) does not.
+    experiment.check_config(tiny(**{"mesh.data": 1, "mesh.fsdp": 8}))
+    config = tiny(**{"mesh.data": 1, "mesh.fsdp": 8, "model.width": 36})
+    with pytest.raises(ValueError, match=r"Cannot shard \S+ of shape .*dimension 36 does not "
+                                         r"divide by mesh axes fsdp of size 8"):
+        experiment.check_config(config)
+
+
+def test_config_values_are_type_checked():
+    """ml_collections keeps types: a string for an int key is refused, not silently kept."""
+    c = vit.get_config("tiny")
+    with pytest.raises(TypeError):
+        c.input.batch_size = "abc"
+    with pytest.raises(TypeError):
+        c.model.depth = 1.5
+    c.model.depth = 2  # same type: fine
+    c.lock()  # as `vistax` does: no new keys from overrides
+    with pytest.raises(AttributeError, match="batch_size"):
+        c.input.batch_sise = 3
