@@ -112,5 +112,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.peak_flops_per_device = config_dict.placeholder(float)  # overrides the device table
 
     c.checkpoint = ml_collections.ConfigDict(dict(every="1000 steps", keep=3, asynchronous=True))
+    # Start a fresh run from another run's parameters (train/init_from.py); ignored on resume.
+    c.init_from = ml_collections.ConfigDict(dict(
+        path=config_dict.placeholder(str),  # a workdir, its checkpoints/ or one step folder
+        step=config_dict.placeholder(int),  # default: the latest
+        include=".*", exclude=config_dict.placeholder(str),  # regexes on parameter names
+        rename=(),  # ((regex, replacement), ...): our name -> the name in the checkpoint
+    ))
     c.evals = ml_collections.ConfigDict()
     return c

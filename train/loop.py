@@ -15,7 +15,7 @@ import jax
 
 from vistax.data import pipeline
 from vistax.evals.base import to_host
-from vistax.train import durations
+from vistax.train import durations, init_from
 from vistax.train.checkpointing import Checkpointer
 from vistax.train.experiment import Experiment
 from vistax.train.metrics import MetricWriter, Progress, Throughput, peak_flops_per_device
@@ -74,17 +74,25 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
         dataset=inp.dataset, split=inp.split, pp=inp.pp, global_batch_size=inp.batch_size,
         seed=config.seed, data_dir=inp.data_dir, worker_count=inp.worker_count)
     is_main = jax.process_index() == 0
+    # Restore or build the state before writing anything, so a failing load leaves no trace.
+    reader = Checkpointer(workdir, keep=config.checkpoint.keep, asynchronous=False, create=False)
+    latest = reader.latest_step()
+    init_note = ""
+    if latest is not None:
+        state = reader.restore(latest, exp.abstract_state, data_iter)
+    else:
+        state = exp.init_state()
+        if config.init_from.path:
+            state["params"], summary = init_from.apply(config.init_from, state["params"])
+            init_note = (f"; {len(summary['loaded'])} parameters from {config.init_from.path}, "
+                         f"{len(summary['fresh'])} fresh")
+    reader.close()
     os.makedirs(workdir, exist_ok=True)
     if is_main:
         _write_config(workdir, config)
     ckpt = Checkpointer(workdir, keep=config.checkpoint.keep,
                         asynchronous=config.checkpoint.asynchronous)
     writer = MetricWriter(workdir, enabled=is_main)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state = ckpt.restore(latest, exp.abstract_state, data_iter)
-    else:
-        state = exp.init_state()
     step = int(jax.device_get(state["step"]))
     total = exp.total_steps
     log_every = _every("log_every", config.log_every, exp)
@@ -97,7 +105,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
                        flops_per_step=exp.flops_per_step, peak_per_device=peak)
     progress = Progress(total_steps=total, mode=config.progress)
     if is_main:
-        resumed = f", resumed from step {latest}" if latest is not None else ""
+        resumed = f", resumed from step {latest}" if latest is not None else init_note
         progress.message(f"vistax: {total} steps of {inp.batch_size} examples on "
                          f"{jax.device_count()} {jax.devices()[0].platform} devices, mesh "
                          f"{dict(exp.mesh.shape)}{resumed}; peak {peak:.3g} FLOP/s/device "
@@ -151,6 +159,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
         ckpt.wait()
         ckpt.close()
         writer.close()
+        data_iter.close()  # stops grain worker processes and frees their shared memory
 
 
 def evaluate(config, workdir: str, *, step: int | None = None) -> dict:

@@ -180,8 +180,8 @@ class Progress:
         self._last = {}
 
     def update(self, step: int, metrics: dict[str, float] | None = None) -> None:
-        if self._start_step is None:
-            self._start_step = step - 1
+        if self._start_step is None:  # the clock starts after the first step (compilation)
+            self._start_step = step
             self._start = time.perf_counter()
         if metrics:
             self._last.update(metrics)

@@ -39,14 +39,15 @@ def _mesh_shape(key: str, sizes: Mapping[str, int], fill_to: int | None) -> tupl
     return tuple(shape)
 
 
-def make_mesh(ici: Mapping[str, int], dcn: Mapping[str, int] | None = None,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds the (data, fsdp, tensor) mesh; `ici` within a slice/host, `dcn` across them.
+def device_grid(ici: Mapping[str, int], dcn: Mapping[str, int] | None,
+                devices: Sequence) -> np.ndarray:
+    """Devices arranged as the (data, fsdp, tensor) mesh; `ici` within a slice, `dcn` across.
 
-    One `ici` size may be -1 (filled from the device count). With a DCN part, devices are
-    grouped by TPU slice or, elsewhere (multi-node GPU, multi-process CPU), by process.
+    One `ici` size may be -1 (filled from the device count). With a DCN part, each mesh axis is
+    `dcn x ici` long and consecutive blocks of `ici` devices along it share a TPU slice or,
+    elsewhere (multi-node GPU, multi-process CPU), a process: only the DCN axes cross the
+    slow network.
     """
-    devices = list(devices if devices is not None else jax.devices())
     dcn_shape = _mesh_shape("mesh_dcn", dcn or {}, None)
     n_dcn = math.prod(dcn_shape)
     if len(devices) % n_dcn:
@@ -57,13 +58,22 @@ def make_mesh(ici: Mapping[str, int], dcn: Mapping[str, int] | None = None,
     if total != len(devices):
         raise ValueError(f"mesh={dict(ici)} x mesh_dcn={dict(dcn or {})} covers {total} devices, "
                          f"but there are {len(devices)}. Set one mesh axis to -1 to fill.")
-    axis_types = (AxisType.Auto,) * len(MESH_AXES)
     if n_dcn == 1:
-        return jax.make_mesh(ici_shape, MESH_AXES, axis_types=axis_types, devices=devices)
+        return mesh_utils.create_device_mesh(ici_shape, devices, allow_split_physical_axes=True)
     by_slice = hasattr(devices[0], "slice_index")
-    grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
+    granules = {getattr(d, "slice_index" if by_slice else "process_index") for d in devices}
+    if len(granules) != n_dcn:
+        raise ValueError(f"mesh_dcn={dict(dcn)} asks for {n_dcn} slices, but the devices form "
+                         f"{len(granules)} {'slices' if by_slice else 'processes'}.")
+    return mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
                                                 process_is_granule=not by_slice)
-    return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def make_mesh(ici: Mapping[str, int], dcn: Mapping[str, int] | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh with Auto axis types; see `device_grid`."""
+    grid = device_grid(ici, dcn, list(devices if devices is not None else jax.devices()))
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def rules_dict(rules: Sequence[tuple[str, object]]) -> dict:

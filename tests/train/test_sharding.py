@@ -45,10 +45,28 @@ def test_mesh_fills_one_axis_and_checks_the_device_count():
         sharding.make_mesh(dict(pipeline=8))
 
 
-def test_multi_slice_mesh_groups_devices_by_slice():
-    # On CPU every device belongs to process 0; grouping by process needs one granule per
-    # DCN slot, so a 2-slice mesh over one process must be refused clearly.
-    with pytest.raises(ValueError):
+class FakeDevice:
+    """Stands in for a TPU device: mesh_utils only reads these attributes off-TPU."""
+    platform = device_kind = "fake"
+
+    def __init__(self, i, slice_index):
+        self.id, self.slice_index, self.process_index = i, slice_index, 0
+
+    def __repr__(self):
+        return f"d{self.id}@s{self.slice_index}"
+
+
+def test_multi_slice_mesh_keeps_ici_axes_inside_a_slice():
+    devices = [FakeDevice(i, i // 4) for i in range(8)]  # 2 slices of 4 devices
+    grid = sharding.device_grid(dict(data=1, fsdp=-1, tensor=2), dict(data=2), devices)
+    assert grid.shape == (2, 2, 2)
+    slices = np.vectorize(lambda d: d.slice_index)(grid)
+    # Only the data axis (the DCN one) crosses slices; fsdp and tensor stay inside one.
+    assert (slices[0] == 0).all() and (slices[1] == 1).all()
+    with pytest.raises(ValueError, match="form 2 slices"):
+        sharding.device_grid(dict(data=-1), dict(data=4), devices)
+    # On this host all devices are in one process: a 2-way DCN split is refused clearly.
+    with pytest.raises(ValueError, match="form 1 processes"):
         sharding.make_mesh(dict(data=-1), dict(data=2))
 
 

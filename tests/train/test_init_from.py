@@ -1,0 +1,89 @@
+"""init_from: a fresh run takes selected parameters from another run's checkpoint, resampling the
+position embedding for a new image size."""
+
+import jax
+import numpy as np
+import pytest
+
+from vistax.models.layers import resample_posemb
+from vistax.train import init_from, loop, param_groups
+from vistax.train.experiment import Experiment
+
+
+@pytest.fixture(scope="module")
+def source_run(small_vit_config, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("source"))
+    loop.train(small_vit_config(**{"duration": "2 steps", "model.head_zero_init": False}), workdir)
+    return workdir
+
+
+def _named(params):
+    return dict(zip(param_groups.names(params), jax.tree.leaves(jax.device_get(params))))
+
+
+def test_fine_tune_at_a_larger_image_size(small_vit_config, source_run):
+    source = init_from.read_params(source_run)
+    config = small_vit_config(**{"model.image_size": 48,
+                                 "init_from.path": source_run, "init_from.exclude": "head/.*"})
+    exp = Experiment(config)
+    fresh = exp.init_state()
+    params, summary = init_from.apply(config.init_from, fresh["params"])
+    assert sorted(summary["fresh"]) == ["head/bias", "head/kernel"]
+    new, before = _named(params), _named(fresh["params"])
+    for name, value in new.items():
+        if name.startswith("head/"):
+            np.testing.assert_array_equal(value, before[name])  # kept fresh
+        elif name == "pos_embedding":
+            assert value.shape == (1, 36, 64) and source[name].shape == (1, 16, 64)
+            np.testing.assert_allclose(value, resample_posemb(source[name], (6, 6)), rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(value, source[name])
+    # Placed on the run's mesh like a fresh initialisation.
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(fresh["params"])):
+        assert a.sharding == b.sharding
+
+
+def test_rename_maps_our_names_to_the_checkpoint_names(small_vit_config, source_run):
+    source = init_from.read_params(source_run)
+    config = small_vit_config(**{"init_from.path": source_run,
+                                 "init_from.include": "encoder/blocks/norm2/.*",
+                                 "init_from.rename": (("norm2", "norm1"),)})
+    params, summary = init_from.apply(config.init_from, Experiment(config).init_state()["params"])
+    assert summary["loaded"] == ["encoder/blocks/norm2/bias", "encoder/blocks/norm2/scale"]
+    np.testing.assert_array_equal(_named(params)["encoder/blocks/norm2/scale"],
+                                  source["encoder/blocks/norm1/scale"])
+
+
+def test_a_shape_mismatch_is_refused(small_vit_config, source_run):
+    config = small_vit_config(**{"model.mlp_dim": 64, "init_from.path": source_run,
+                                 "init_from.include": "encoder/blocks/mlp/fc1/kernel"})
+    params = Experiment(config).init_state()["params"]
+    with pytest.raises(ValueError, match=r"fc1/kernel has shape \(2, 64, 128\) in the checkpoint"):
+        init_from.apply(config.init_from, params)
+
+
+def test_errors_name_what_is_missing(small_vit_config, source_run, tmp_path):
+    config = small_vit_config(**{"init_from.path": source_run,
+                                 "init_from.rename": (("pos_embedding", "posemb"),)})
+    params = Experiment(config).init_state()["params"]
+    with pytest.raises(ValueError, match=r"lacks 1 selected.*pos_embedding \(looked up as posemb\)"):
+        init_from.apply(config.init_from, params)
+    config.init_from.rename = ()
+    config.init_from.path = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="holds no vistax checkpoint"):
+        init_from.apply(config.init_from, params)
+    config.init_from.path = source_run
+    config.init_from.step = 7
+    with pytest.raises(FileNotFoundError, match=r"init_from.step=7.*steps \[2\]"):
+        init_from.apply(config.init_from, params)
+
+
+def test_training_starts_from_the_loaded_parameters(small_vit_config, source_run, tmp_path):
+    source = init_from.read_params(source_run)
+    workdir = str(tmp_path / "finetune")
+    config = small_vit_config(**{"duration": "1 steps", "schedule.base_lr": 0.0,
+                                 "schedule.warmup": "0 steps", "init_from.path": source_run})
+    loop.train(config, workdir)
+    trained = init_from.read_params(workdir)
+    for name, value in source.items():  # lr 0: the checkpoint holds exactly what was loaded
+        np.testing.assert_array_equal(trained[name], value)

@@ -1,0 +1,117 @@
+"""Initialise a fresh run's parameters from another run's checkpoint (`config.init_from`).
+
+Parameters are chosen by regex on their names (`include`, `exclude`), may be looked up under
+another name (`rename`: ((regex, replacement), ...) applied to our names), and learned patch
+position embeddings are resampled when the patch grid differs (fine-tuning at a new image
+size, ViT paper Sec. 3.2). Everything else keeps its fresh initialisation. Only the source's
+`params` are read, as numpy, by every process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vistax.models.layers import resample_posemb
+from vistax.train import param_groups
+
+
+def _step_dir(path: str, step: int | None) -> str:
+    """`path` is a workdir, its checkpoints/ folder, or one step folder."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(os.path.join(path, "state")):
+        return path
+    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) \
+        else path
+    steps = sorted(int(d) for d in (os.listdir(root) if os.path.isdir(root) else []) if d.isdigit())
+    if not steps:
+        raise FileNotFoundError(f"init_from.path={path!r} holds no vistax checkpoint.")
+    if step is None:
+        step = steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(f"init_from.step={step} is not in {root}; it has steps {steps}.")
+    return os.path.join(root, str(step))
+
+
+def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
+    """Nested dicts of saved Variables ({'value': array}) -> {'a/b/kernel': array}."""
+    if isinstance(tree, dict) and set(tree) == {"value"} and not isinstance(tree["value"], dict):
+        return {prefix: tree["value"]}
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}/{key}" if prefix else str(key)))
+        return out
+    return {prefix: tree}
+
+
+def read_params(path: str, step: int | None = None) -> dict[str, np.ndarray]:
+    """All parameters of a vistax checkpoint as {name: numpy array}."""
+    state_dir = os.path.join(_step_dir(path, step), "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+    meta = checkpointer.metadata(state_dir).item_metadata["params"]
+    item = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta)
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item={"params": item}, restore_args={"params": args}, partial_restore=True))
+    return _flatten(restored["params"])
+
+
+def _source_name(name: str, rename) -> str:
+    for pattern, replacement in rename:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def apply(cfg, params):
+    """Returns `params` (sharded jax arrays) with the selected leaves replaced from `cfg.path`.
+
+    Also returns a summary (names loaded, names kept fresh) for the log.
+    """
+    source = read_params(cfg.path, cfg.get("step"))
+    rename = [tuple(pair) for pair in cfg.get("rename", ())]
+    for pair in rename:
+        if len(pair) != 2:
+            raise ValueError(f"init_from.rename entry {pair!r}: expected (regex, replacement).")
+    include = re.compile(cfg.get("include") or ".*")
+    exclude = re.compile(cfg.exclude) if cfg.get("exclude") else None
+    names = param_groups.names(params)
+    leaves, treedef = jax.tree.flatten(params)
+    loaded, fresh, missing = [], [], []
+    new_leaves = []
+    for name, leaf in zip(names, leaves):
+        if not include.fullmatch(name) or (exclude and exclude.fullmatch(name)):
+            fresh.append(name)
+            new_leaves.append(leaf)
+            continue
+        src = _source_name(name, rename)
+        if src not in source:
+            missing.append(f"{name} (looked up as {src})")
+            new_leaves.append(leaf)
+            continue
+        value = source[src]
+        if value.shape != leaf.shape:
+            value = _adapt(name, value, leaf.shape)
+        new_leaves.append(jax.device_put(value.astype(leaf.dtype), leaf.sharding))
+        loaded.append(name)
+    if missing:
+        raise ValueError(f"init_from.path={cfg.path!r} lacks {len(missing)} selected parameter(s): "
+                         f"{missing[:5]}; it has e.g. {sorted(source)[:5]}. Narrow "
+                         "init_from.include/exclude or add init_from.rename rules.")
+    if not loaded:
+        raise ValueError(f"init_from.include={cfg.get('include')!r} selects no parameter.")
+    return jax.tree.unflatten(treedef, new_leaves), {"loaded": loaded, "fresh": fresh}
+
+
+def _adapt(name: str, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Resamples a patch position embedding to a new grid; any other mismatch is an error."""
+    if name.split("/")[-1] == "pos_embedding" and value.ndim == 3 and value.shape[2] == shape[2]:
+        side = int(round(np.sqrt(shape[1])))
+        if side * side == shape[1]:
+            return np.asarray(resample_posemb(value, (side, side)))
+    raise ValueError(f"init_from: {name} has shape {value.shape} in the checkpoint but "
+                     f"{tuple(shape)} here; exclude it (init_from.exclude) to train it afresh.")
