@@ -1,7 +1,8 @@
 """Installs package `vistax`; its subpackages are this folder's top-level folders.
 
-`pip install -c constraints.txt -e .[test]` is what CI and the README run; the constraints file
-pins every version, transitive ones included.
+Requirements below are ranges (jax and friends within the minor versions vistax is tested
+with); `constraints.txt` pins the exact versions, transitive ones included, and is what the
+README and CI install with: `pip install -c constraints.txt -e '.[test,torch]'`.
 """
 import setuptools
 
@@ -15,28 +16,30 @@ setuptools.setup(
     package_dir={"vistax": "."},
     packages=["vistax"] + [f"vistax.{p}" for p in _SUBPACKAGES],
     install_requires=[
-        "jax==0.10.2",
-        "jaxlib==0.10.2",
-        "flax==0.12.8",
+        "jax>=0.10.2,<0.11",
+        "jaxlib>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
         "optax",
         "chex",
-        "orbax-checkpoint==0.12.8",
+        "orbax-checkpoint>=0.12.8,<0.13",
         "ml_collections",
-        "tensorflow-datasets==4.9.10",
+        "tensorflow-datasets>=4.9.10,<5",
         "array_record",
-        "grain==0.2.18",
+        "grain>=0.2.18,<0.3",
         "absl-py",
         "pillow",
         "numpy",
         "scikit-learn",  # the built-in `digits` dataset
         "tensorboardX",  # TensorBoard event files without TensorFlow
+        "safetensors",  # reading foreign weight files (init_from)
     ],
     extras_require={
-        "tpu": ["jax[tpu]==0.10.2"],  # libtpu: TPU runs and ahead-of-time compiles from a CPU host
-        "cuda": ["jax[cuda12]==0.10.2"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],  # libtpu: TPU runs and AOT compiles from a CPU host
+        "cuda": ["jax[cuda12]>=0.10.2,<0.11"],
         "test": ["pytest", "pytest-xdist", "scikit-image"],
-        # Reference implementations for parity tests only (CPU build from this machine's disk).
-        "torch": ["torch==2.13.0", "transformers", "safetensors"],
+        # Reference implementations for parity tests and torch weight files. 2.13.0 is the CPU
+        # build this project's machines keep on disk; from PyPI it is the (large) CUDA build.
+        "torch": ["torch==2.13.0", "transformers"],
     },
     entry_points={"console_scripts": ["vistax = vistax.launch.cli:main"]},
 )

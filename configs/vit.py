@@ -5,9 +5,12 @@ Presets:
   S/16, B/16, L/16
          ImageNet-1k from scratch with the DeiT recipe (Touvron et al. 2021, Table 9: AdamW,
          lr 5e-4 x batch/512, wd 0.05, 300 epochs, 5 warmup epochs, cosine, label smoothing
-         0.1, mixup 0.8, cutmix 1.0, stochastic depth 0.1 (0 for S)). The dataset is
-         `imagenet2012` prepared by tensorflow-datasets in input.data_dir (or a folder made by
-         `vistax prepare`). Not in our pp ops yet: RandAugment, random erasing, repeated augment.
+         0.1, mixup 0.8, cutmix 1.0, stochastic depth 0.1, bicubic resizing; DeiT uses one
+         recipe for every size and did not train L). Not in our pp ops yet, so not in these
+         presets: RandAugment, random erasing, repeated augmentation (DeiT Table 8 shows they
+         matter). The dataset `imagenet2012` is read from input.data_dir, built by tfds as
+         ArrayRecord (`tfds build imagenet2012 --file_format=array_record`) or by
+         `vistax prepare --input=<train/ and val/ class folders> --output=<data_dir>/imagenet2012`.
 
 Options after the preset: `variant=<size>/<patch>` replaces the model (e.g. `tiny,variant=mu/4`).
 
@@ -64,14 +67,13 @@ def get_config(arg=None):
             type="classification", dataset="digits", split="test", batch_size=128,
             pp="decode|value_range(-1, 1)|keep('image', 'label')", every="10 epochs"))
     else:
-        drop_path = {"S/16": 0.0, "B/16": 0.1, "L/16": 0.1}[arg.preset]
         c.input.dataset = "imagenet2012"
         c.input.batch_size = 1024
         c.input.worker_count = 8
-        c.input.pp = ("decode|random_resized_crop(224)|flip_lr|value_range(0, 1)"
+        c.input.pp = ("decode|random_resized_crop(224, method='bicubic')|flip_lr|value_range(0, 1)"
                       f"|normalize({IMAGENET_MEAN_STD})|onehot(1000)|keep('image', 'labels')")
         c.model = model_config(variant=arg.preset, image_size=224, num_classes=1000,
-                               drop_path=drop_path, dtype="bfloat16", remat="dots_no_batch")
+                               drop_path=0.1, dtype="bfloat16", remat="dots_no_batch")
         c.loss.mixup_alpha = 0.8
         c.loss.cutmix_alpha = 1.0
         c.duration = "300 epochs"
@@ -85,7 +87,7 @@ def get_config(arg=None):
         c.checkpoint.every = "1 epochs"
         c.evals.val = ml_collections.ConfigDict(dict(
             type="classification", dataset="imagenet2012", split="validation", batch_size=1024,
-            pp=("decode|resize_small(256)|center_crop(224)|value_range(0, 1)"
+            pp=("decode|resize_small(256, method='bicubic')|center_crop(224)|value_range(0, 1)"
                 f"|normalize({IMAGENET_MEAN_STD})|keep('image', 'label')"),
             every="5 epochs"))
     if arg.variant:

@@ -10,6 +10,8 @@ import contextlib
 import fcntl
 import os
 
+from absl import logging as absl_logging
+
 from vistax.data.builders import digits, shapes
 
 BUILTINS = {"digits": digits.Digits, "shapes": shapes.Shapes}
@@ -18,6 +20,18 @@ BUILTINS = {"digits": digits.Digits, "shapes": shapes.Shapes}
 def default_data_dir() -> str:
     """$VISTAX_DATA_DIR if set, else ~/.cache/vistax/datasets."""
     return os.environ.get("VISTAX_DATA_DIR") or os.path.expanduser("~/.cache/vistax/datasets")
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """tfds warns through absl that a not-yet-prepared version folder has no dataset_info.json;
+    that is the expected state before preparation, so only errors are shown meanwhile."""
+    previous = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(previous)
 
 
 @contextlib.contextmanager
@@ -46,11 +60,12 @@ def prepare_builtin(name: str, data_dir: str | None = None, **config) -> str:
         raise ValueError(f"built-in dataset {name!r} takes no config, got {sorted(config)}")
     else:
         builder_config = None
-    builder = BUILTINS[name](data_dir=data_dir, config=builder_config)
-    if builder.is_prepared():
-        return str(builder.data_path)
+    with _quiet_absl():
+        builder = BUILTINS[name](data_dir=data_dir, config=builder_config)
+        if builder.is_prepared():
+            return str(builder.data_path)
     os.makedirs(data_dir, exist_ok=True)
     lock_name = f".{name}-{builder_config.name if builder_config else 'default'}.lock"
-    with _exclusive_lock(os.path.join(data_dir, lock_name)):
+    with _exclusive_lock(os.path.join(data_dir, lock_name)), _quiet_absl():
         # Another process may have finished while this one waited for the lock.
         return BUILTINS[name](data_dir=data_dir, config=builder_config).prepare()

@@ -50,24 +50,69 @@ def _find_prepared(directory: str) -> list[str]:
     return sorted(found)
 
 
+def _version_dirs(root: str) -> list[str]:
+    """Version subfolders (x.y.z) of `root` that hold a dataset_info.json, oldest first."""
+    found = []
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        parts = name.split(".")
+        if all(p.isdigit() for p in parts) and os.path.isfile(
+                os.path.join(root, name, "dataset_info.json")):
+            found.append((tuple(int(p) for p in parts), os.path.join(root, name)))
+    return [path for _, path in sorted(found)]
+
+
 def resolve(dataset: str, data_dir: str | None = None) -> str:
-    """Version directory of `dataset`: a built-in name (prepared on demand) or a directory."""
+    """Version directory of `dataset`.
+
+    `dataset` is a built-in name (prepared on demand), the name of a dataset prepared in
+    `data_dir` by tfds or `vistax prepare` (its latest version, e.g. `imagenet2012` ->
+    <data_dir>/imagenet2012/5.1.0), or a directory.
+    """
     if dataset in builtins.BUILTINS:
         return builtins.prepare_builtin(dataset, data_dir)
+    is_name = os.sep not in dataset and not dataset.startswith((".", "~"))
+    if is_name:
+        named = os.path.join(os.path.abspath(os.path.expanduser(
+            data_dir or builtins.default_data_dir())), dataset)
+        versions = _version_dirs(named)
+        if versions:
+            return versions[-1]
+        if os.path.isfile(os.path.join(named, "dataset_info.json")):
+            return named
     path = os.path.abspath(os.path.expanduser(dataset))
     if os.path.isfile(os.path.join(path, "dataset_info.json")):
         return path
+    if os.path.isdir(path) and _version_dirs(path):
+        return _version_dirs(path)[-1]
     if os.path.isdir(path):
         candidates = _find_prepared(path)
         hint = (f"; prepared datasets below it: {candidates[:10]}" if candidates
                 else "; it holds no prepared dataset (run `vistax prepare`)")
         raise ValueError(f"dataset directory {path!r} has no dataset_info.json{hint}")
-    raise ValueError(f"unknown dataset {dataset!r}: not a built-in ({sorted(builtins.BUILTINS)}) "
-                     f"and no directory {path!r} exists")
+    where = f" nor a dataset prepared in {named!r}" if is_name else ""
+    raise ValueError(f"unknown dataset {dataset!r}: not a built-in ({sorted(builtins.BUILTINS)})"
+                     f"{where}, and no directory {path!r} exists. tfds datasets must be built as "
+                     "ArrayRecord: `tfds build <name> --file_format=array_record --data_dir=...`.")
 
 
 def _builder(dataset: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
-    return tfds.builder_from_directory(resolve(dataset, data_dir))
+    builder = tfds.builder_from_directory(resolve(dataset, data_dir))
+    file_format = builder.info.file_format
+    if file_format is not None and file_format != tfds.core.FileFormat.ARRAY_RECORD:
+        raise ValueError(f"dataset {dataset!r} ({builder.data_path}) is stored as "
+                         f"{file_format.value}; vistax reads ArrayRecord without TensorFlow. "
+                         "Rebuild it: `tfds build <name> --file_format=array_record`.")
+    return builder
+
+
+def split_size(dataset: str, split: str, data_dir: str | None = None) -> int:
+    """Examples in `split` of `dataset`, tfds slices included ('train[:90%]' -> 90%)."""
+    builder = _builder(dataset, data_dir)
+    try:
+        return builder.info.splits[split].num_examples
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"dataset {dataset!r} has no split {split!r}; splits: "
+                         f"{sorted(builder.info.splits.keys())}. ({e})") from None
 
 
 def dataset_info(dataset: str, data_dir: str | None = None) -> DatasetInfo:
@@ -193,6 +238,20 @@ class _EvalExample:
         n = len(self.records)
         example = self.preprocess(self.records[index % n], _rng(0, 2, index % n))
         return {**_check_batchable(example, self.preprocess.spec), MASK_KEY: np.bool_(index < n)}
+
+
+def example_spec(*, dataset: str, split: str, pp: str, data_dir: str | None = None,
+                 eval_mode: bool = False) -> dict[str, np.ndarray]:
+    """The first example of `split` after `pp` (with the `_mask` key in eval mode).
+
+    The trainer reads shapes and dtypes from it to trace its step and evaluators before any
+    work, so a pp that does not fit the model fails at start-up with the key that is wrong.
+    """
+    records = _records(dataset, split, data_dir)
+    parsed = preprocess_lib.parse(pp)
+    if eval_mode:
+        return _EvalExample(records, parsed)(0)
+    return _TrainExample(parsed, 0)(0, records[0])
 
 
 def _ensure_absl_flags_parsed() -> None:

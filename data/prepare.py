@@ -3,7 +3,8 @@
 Two inputs:
 - `folder`: class subfolders (`root/<class>/**/<image>`, classes sorted by name) -> image, label,
   file_name; or split subfolders (train/, test/, val/, validation/) that each hold class
-  subfolders -> one split each, with the sorted union of class names.
+  subfolders -> one split each (val/ is named `validation`), with the sorted union of class
+  names.
 - `captions`: a CSV or TSV with a header, one column of image paths (relative to the file's
   folder, or absolute) and one of captions -> image, caption, file_name.
 
@@ -109,12 +110,16 @@ def _folder_plan(root: str, split: str) -> tuple[list[str], dict[str, list[tuple
     """(class names, {split: [(image path, label)]}) of a class-folder tree."""
     subdirs = _visible_dirs(root)
     split_dirs = [d for d in subdirs if d in SPLIT_FOLDERS]
+    if "val" in split_dirs and "validation" in split_dirs:
+        raise ValueError(f"{root} has both val/ and validation/: both would be the `validation` "
+                         "split; keep one")
     if split_dirs and len(split_dirs) != len(subdirs):
         raise ValueError(f"{root} mixes split folders {split_dirs} with other folders "
                          f"{sorted(set(subdirs) - set(split_dirs))}; expected only split "
                          f"folders ({', '.join(SPLIT_FOLDERS)}) or only class folders")
-    split_roots = ({d: os.path.join(root, d) for d in split_dirs} if split_dirs
-                   else {split: root})
+    # A `val/` folder becomes the `validation` split, the name tfds datasets and configs use.
+    split_roots = ({("validation" if d == "val" else d): os.path.join(root, d) for d in split_dirs}
+                   if split_dirs else {split: root})
     classes_per_split = {name: _visible_dirs(path) for name, path in split_roots.items()}
     for name, classes in classes_per_split.items():
         if not classes:

@@ -1,6 +1,6 @@
 """Evaluators by type: `config.evals.<name>.type` selects one; the loop runs each `every`."""
 
-from vistax.evals.base import EvalContext, Evaluator
+from vistax.evals.base import DEFAULT_EVERY, EvalContext, Evaluator
 from vistax.evals.classification import ClassificationEvaluator
 
 EVALUATORS: dict[str, type[Evaluator]] = {

@@ -16,12 +16,16 @@ import numpy as np
 from vistax.data import pipeline
 
 
+DEFAULT_EVERY = "1 epochs"
+
+
 @dataclasses.dataclass
 class EvalContext:
     """Trainer facilities an evaluator may use."""
-    # compile(fn) -> call(state, global_batch) -> pytree of numpy values; fn(model, extra, batch)
-    # runs inside jit on the mesh and must return arrays small enough to replicate (sums, top-k).
-    compile: Callable[[Callable], Callable[[dict, dict], object]]
+    # compile(fn) -> compiled, with compiled(state, global_batch) -> pytree of numpy values and
+    # compiled.check(key, example, batch_size) tracing it on abstract batches. fn(model, extra,
+    # batch) runs inside jit on the mesh and must return small (replicated) arrays: sums, top-k.
+    compile: Callable[[Callable], object]
     encoders: Mapping[str, Callable]  # the objective's named encoders
     global_batch: Callable[[dict], dict]  # process-local numpy -> global jax.Arrays
     data_dir: str | None
@@ -48,6 +52,9 @@ class Evaluator:
         self.cfg = cfg
         self.ctx = ctx
 
+    def check(self, example: dict) -> None:
+        """Validates one preprocessed example before any work (keys, and that it traces)."""
+
     def run(self, state: dict) -> dict[str, float]:
         raise NotImplementedError
 
@@ -60,5 +67,5 @@ def require(cfg, name: str, keys: tuple[str, ...]) -> None:
 
 
 def to_host(tree) -> object:
-    """Replicated jax arrays -> numpy (works in multi-process runs, unlike np.asarray)."""
+    """Replicated jax arrays -> numpy, read from this process's first local copy."""
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from vistax.evals.base import Evaluator, require
@@ -40,12 +41,16 @@ class ClassificationEvaluator(Evaluator):
 
         self._sums = ctx.compile(sums)
 
+    def check(self, example):
+        key = f"evals.{self.name}.pp"
+        if "label" not in example or np.asarray(example["label"]).dtype.kind not in "iu":
+            raise ValueError(f"{key}={self.cfg.pp!r} must yield an integer 'label'; it gives "
+                             f"{sorted(example)}.")
+        self._sums.check(key, example, self.cfg.batch_size)
+
     def run(self, state):
         totals = {}
         for batch in self.ctx.batches(self.cfg):
-            if "label" not in batch:
-                raise KeyError(f"evals.{self.name}: batches need an integer 'label'; pp "
-                               f"{self.cfg.pp!r} gave {sorted(batch)}.")
             for key, value in self._sums(state, batch).items():
                 totals[key] = totals.get(key, 0.0) + float(value)
         count = max(totals.get("count", 0.0), 1.0)

@@ -4,8 +4,9 @@
   vistax eval  --config=configs/vit.py:tiny --workdir=DIR      # latest checkpoint in DIR
   vistax prepare --input=FOLDER_OR_CSV --output=DATASET_DIR [--kind=auto|folder|captions]
 
-Multi-process runs pass --coordinator_address/--num_processes/--process_id (or set
-VISTAX_COORDINATOR etc.); every process runs the same command.
+Multi-process runs: every process runs the same command, with --distributed=auto on TPU pods
+and SLURM clusters (jax.distributed finds its peers), or --coordinator_address, --num_processes
+and --process_id (or VISTAX_COORDINATOR, VISTAX_NUM_PROCESSES, VISTAX_PROCESS_ID) elsewhere.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and argum
                                           "e.g. configs/vit.py:tiny", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 _STEP = flags.DEFINE_integer("step", None, "eval: checkpoint step (default: latest).")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "off", ["off", "auto"],
+    "auto: jax.distributed.initialize() detects the cluster (TPU pod, SLURM, ...).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", os.environ.get("VISTAX_COORDINATOR"),
     "host:port of process 0 for jax.distributed (multi-process runs).")
@@ -85,12 +89,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _initialize_distributed() -> None:
-    if _COORDINATOR.value is None and _NUM_PROCESSES.value is None:
+    explicit = _COORDINATOR.value is not None or _NUM_PROCESSES.value is not None
+    if _DISTRIBUTED.value == "off" and not explicit:
         return
-    _require(("coordinator_address", _COORDINATOR.value), ("num_processes", _NUM_PROCESSES.value),
-             ("process_id", _PROCESS_ID.value))
     import jax
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if explicit:
+        _require(("coordinator_address", _COORDINATOR.value),
+                 ("num_processes", _NUM_PROCESSES.value), ("process_id", _PROCESS_ID.value))
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    else:
+        jax.distributed.initialize()
 
 
 def _run(command: str, argv) -> None:

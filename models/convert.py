@@ -108,7 +108,7 @@ def vit_from_hf(sd: Mapping[str, np.ndarray], cfg: ViTConfig, prefix: str = "vit
                          "norm": {"scale": g("layernorm.weight"), "bias": g("layernorm.bias")}}
     if cfg.representation_size:
         params["pre_logits"] = {"kernel": g("pooler.dense.weight").T, "bias": g("pooler.dense.bias")}
-    if cfg.num_classes:
+    if cfg.num_classes and "classifier.weight" in sd:  # absent in a bare ViTModel
         params["head"] = {"kernel": g("classifier.weight").T, "bias": g("classifier.bias")}
     return params
 

@@ -126,27 +126,26 @@ class MultiHeadAttention(nnx.Module):
     Uses `jax.nn.dot_product_attention`, which picks a fused kernel where the backend has one.
     """
 
-    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, kv_dim: int | None = None,
-                 qkv_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, qkv_bias: bool = True,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
         if dim % num_heads:
             raise ValueError(f"Attention width {dim} is not divisible by num_heads={num_heads}.")
         head_dim = dim // num_heads
-        kv_dim = kv_dim or dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=qkv_bias)
         self.query = Dense(dim, (num_heads, head_dim), ("embed", "heads", "kv"), **kw)
-        self.key = Dense(kv_dim, (num_heads, head_dim), ("embed", "heads", "kv"), **kw)
-        self.value = Dense(kv_dim, (num_heads, head_dim), ("embed", "heads", "kv"), **kw)
+        self.key = Dense(dim, (num_heads, head_dim), ("embed", "heads", "kv"), **kw)
+        self.value = Dense(dim, (num_heads, head_dim), ("embed", "heads", "kv"), **kw)
         self.out = Dense((num_heads, head_dim), dim, ("heads", "kv", "embed"), rngs=rngs,
                          dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, x: jax.Array, kv: jax.Array | None = None, *, mask: jax.Array | None = None,
-                 is_causal: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, kv: jax.Array | None = None) -> jax.Array:
+        """Self-attention over `x`, or cross-attention from `x` to `kv`."""
         kv = x if kv is None else kv
         heads = ("batch", "length", "act_heads", None)
         q = constrain(self.query(x), heads)
         k = constrain(self.key(kv), heads)
         v = constrain(self.value(kv), heads)
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+        y = jax.nn.dot_product_attention(q, k, v)
         return self.out(constrain(y, heads))
 
 

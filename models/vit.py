@@ -74,7 +74,7 @@ class ViTConfig:
     representation_size: int = 0  # pre-logits Dense+tanh (ViT paper, for pre-training) if > 0
     dropout: float = 0.0
     drop_path: float = 0.0  # maximum rate; rises linearly with depth (DeiT, Huang et al. 2016)
-    head_zero_init: bool = True
+    head_zero_init: bool = True  # big_vision: a zero head starts at uniform predictions
     layernorm_eps: float = 1e-6
     qkv_bias: bool = True
     gelu_approximate: bool = False
@@ -200,7 +200,7 @@ class ViT(nnx.Module):
             param_dtype=param_dtype,
             kernel_init=jax.nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3))
         n_patches = cfg.grid[0] * cfg.grid[1]
-        if cfg.posemb == "learn":
+        if cfg.posemb == "learn":  # std 1/sqrt(width), as big_vision
             self.pos_embedding = layers.param(
                 rngs, jax.nn.initializers.normal(stddev=1 / np.sqrt(d)), (1, n_patches, d),
                 (None, None, "embed"), param_dtype)
@@ -255,16 +255,15 @@ class ViT(nnx.Module):
             posemb = layers.sincos_posemb_2d(gh, gw, cfg.width)
         return x + jnp.asarray(posemb).astype(x.dtype)
 
-    def __call__(self, images: jax.Array, *, rng: jax.Array | None = None,
-                 patch_tokens: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    def __call__(self, images: jax.Array, *, rng: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict]:
         """Returns (logits, or the pooled representation if there is no head; intermediates).
 
-        `rng` (training) enables dropout and drop path. `patch_tokens`, if given, replaces the
-        embedded patches (e.g. the visible subset chosen by a masked-modelling objective).
+        `rng` (training) enables dropout and drop path.
         """
         cfg = self.cfg
         out = {}
-        x = self.embed_patches(images) if patch_tokens is None else patch_tokens
+        x = self.embed_patches(images)
         x = layers.constrain(x, ("batch", "length", "act_embed"))
         b = x.shape[0]
         prefix = []

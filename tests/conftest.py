@@ -46,12 +46,7 @@ def small_vit_config(data_dir):
         c.checkpoint.every = "3 steps"
         c.evals.test.every = "6 steps"
         c.evals.test.batch_size = 64
-        for key, value in overrides.items():
-            *parents, leaf = key.split(".")
-            node = c
-            for p in parents:
-                node = node[p]
-            node[leaf] = value
+        c.update_from_flattened_dict(overrides)
         return c
 
     return make

@@ -63,19 +63,30 @@ class Checkpointer:
             items["config"] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore(self, step: int, abstract_state: dict, data_iterator=None) -> dict:
-        """Restores `state` into `abstract_state`'s shapes and shardings (and the iterator)."""
-        items = {"state": ocp.args.PyTreeRestore(
-            abstract_state,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
-        if data_iterator is not None:
-            items["data"] = grain_ckpt.CheckpointRestore(data_iterator)
+    def restore(self, step: int, abstract_state: dict, data_iterator=None, *,
+                partial: bool = False) -> dict:
+        """Restores `state` into `abstract_state`'s shapes and shardings (and the iterator).
+
+        `partial=True` reads only the top-level entries `abstract_state` names (evaluation
+        needs no optimizer state).
+        """
+        state_args = ocp.args.PyTreeRestore(
+            abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+            partial_restore=partial)
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            state = self.manager.restore(step, args=ocp.args.Composite(state=state_args))["state"]
         except (ValueError, KeyError) as e:
             raise ValueError(f"Checkpoint {self.directory}/{step} does not fit this config's model "
                              f"or optimizer (was the config changed?): {e}") from e
-        return restored["state"]
+        if data_iterator is not None:
+            try:
+                self.manager.restore(step, args=ocp.args.Composite(
+                    data=grain_ckpt.CheckpointRestore(data_iterator)))
+            except (ValueError, KeyError, FileNotFoundError) as e:
+                raise ValueError(
+                    f"The data iterator position in {self.directory}/{step} does not fit this run "
+                    f"({jax.process_count()} processes; input.* unchanged?): {e}") from e
+        return state
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

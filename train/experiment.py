@@ -1,8 +1,10 @@
 """Everything built from a config: mesh, objective, model, optimizer, shardings, jitted step.
 
-`Experiment(config)` validates the whole config first (an unknown name, an impossible
-combination, a bad duration stops here, before any data is read or anything compiled), then
-derives every sharding from an `eval_shape`d state. Both `vistax train` and `vistax eval` use it.
+`Experiment(config)` validates the whole config before any work: names, durations and batch
+divisibility first (`check_config`, no data needed), then the datasets and splits, then a
+pre-flight that traces the train step and every evaluator on the shapes the pp strings
+produce, so a pp that does not fit the model fails here with the key at fault. Every sharding
+comes from an `eval_shape`d state. Both `vistax train` and `vistax eval` use it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -21,20 +24,33 @@ from vistax.train import durations, objectives, optimizer as optimizer_lib, shar
 from vistax.train.step import make_train_step
 
 PROGRESS_MODES = ("auto", "bar", "lines")
-PRNG_IMPLS = ("rbg", "unsafe_rbg", "threefry2x32")
+PRNG_IMPLS = ("rbg", "threefry2x32")
+
+
+def _check_pp(key: str, spec: str) -> None:
+    try:
+        preprocess.parse(spec)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None
+
+
+def _check_period(key: str, text) -> None:
+    if durations.parse_duration(key, text).value <= 0:
+        raise ValueError(f"{key}={text!r} must be positive.")
 
 
 def _check_static(config, mesh, process_count: int) -> None:
     """Config checks that need no data: durations, batch divisibility, names."""
-    for key in ("duration", "log_every", "schedule.warmup", "checkpoint.every"):
-        durations.parse_duration(key, config[key] if "." not in key
-                                 else config[key.split(".")[0]][key.split(".")[1]])
+    durations.parse_duration("duration", config.duration)
+    durations.parse_duration("schedule.warmup", config.schedule.warmup)
+    _check_period("log_every", config.log_every)
+    _check_period("checkpoint.every", config.checkpoint.every)
     batch = config.input.batch_size
     shards = sharding.num_batch_shards(mesh, config.sharding_rules)
     _check_pp("input.pp", config.input.pp)
     eval_multiple = math.lcm(shards, process_count)
     for name, cfg in config.evals.items():
-        durations.parse_duration(f"evals.{name}.every", cfg.get("every", "1 epochs"))
+        _check_period(f"evals.{name}.every", cfg.get("every", evals.DEFAULT_EVERY))
         evals.get(name, cfg.get("type"))
         _check_pp(f"evals.{name}.pp", cfg.get("pp", ""))
         eval_batch = cfg.get("batch_size", 0)
@@ -59,8 +75,8 @@ def _check_static(config, mesh, process_count: int) -> None:
     if config.checkpoint.keep < 1:
         raise ValueError(f"checkpoint.keep={config.checkpoint.keep} must be >= 1.")
     if not config.input.dataset:
-        raise ValueError("input.dataset is not set: a built-in name (digits, shapes) or the folder "
-                         "of a prepared dataset.")
+        raise ValueError("input.dataset is not set: a built-in name (digits, shapes), the name of a "
+                         "dataset prepared in input.data_dir, or a dataset folder.")
 
 
 def check_config(config, *, devices=None):
@@ -81,11 +97,54 @@ def check_config(config, *, devices=None):
     return objective, mesh, graphdef, abstract_params
 
 
-def _check_pp(key: str, spec: str) -> None:
-    try:
-        preprocess.parse(spec)
-    except ValueError as e:
-        raise ValueError(f"{key}: {e}") from None
+def batch_spec(key: str, example: dict, batch_size: int, batch_sharding) -> dict:
+    """Abstract global batch of `batch_size` copies of one preprocessed example."""
+    spec = {}
+    for name, value in example.items():
+        value = np.asarray(value)
+        if value.dtype == object or value.dtype.kind in "US":
+            raise ValueError(f"{key} leaves the text field {name!r} in the batch; tokenize it or "
+                             "drop it with keep(...).")
+        spec[name] = jax.ShapeDtypeStruct((batch_size,) + value.shape, value.dtype,
+                                          sharding=batch_sharding)
+    return spec
+
+
+class CompiledEval:
+    """An evaluator's function of (model, extra, batch), jitted for the experiment's mesh."""
+
+    def __init__(self, exp: "Experiment", fn):
+        self._exp = exp
+
+        def apply(params, model_state, extra, batch):
+            return fn(nnx.merge(exp.graphdef, params, model_state), extra, batch)
+
+        sh = exp.state_shardings
+        self._jitted = jax.jit(apply, in_shardings=(sh["params"], sh["model_state"], sh["extra"],
+                                                    exp.batch_sharding),
+                               out_shardings=exp.replicated)
+
+    def __call__(self, state: dict, batch: dict):
+        """Runs on a global batch; returns the (replicated) outputs as numpy."""
+        with self._exp.context():
+            out = self._jitted(state["params"], state["model_state"], state["extra"], batch)
+        return evals.base.to_host(out)
+
+    def check(self, key: str, example: dict, batch_size: int) -> None:
+        """Traces on abstract batches shaped like `example`; errors name config key `key`."""
+        abstract = self._exp.abstract_state
+        spec = batch_spec(key, example, batch_size, self._exp.batch_sharding)
+        try:
+            with self._exp.context():
+                jax.eval_shape(self._jitted, abstract["params"], abstract["model_state"],
+                               abstract["extra"], spec)
+        except Exception as e:  # any tracing failure: say which pp produced the batch
+            raise ValueError(f"{key}: batches {_shapes(spec)} do not fit the model: "
+                             f"{type(e).__name__}: {e}") from e
+
+
+def _shapes(spec: dict) -> dict:
+    return {k: (tuple(v.shape), str(v.dtype)) for k, v in spec.items()}
 
 
 class Experiment:
@@ -100,8 +159,11 @@ class Experiment:
         self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
 
-        self.epoch_size = self._epoch_size()
-        batch = config.input.batch_size
+        inp = config.input
+        for name, cfg in config.evals.items():
+            self._split_size(f"evals.{name}.split", cfg.dataset, cfg.split)
+        self.epoch_size = self._split_size("input.split", inp.dataset, inp.split)
+        batch = inp.batch_size
         self.total_steps = durations.steps("duration", config.duration, global_batch=batch,
                                            epoch_size=self.epoch_size)
         if self.total_steps < 1:
@@ -124,8 +186,13 @@ class Experiment:
                              out_shardings=(self.state_shardings, self.replicated),
                              donate_argnums=0)
         self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
-        self.evaluators = {name: evals.get(name, cfg.type)(name, cfg, self._eval_context())
+        context = evals.EvalContext(
+            compile=lambda fn: CompiledEval(self, fn), encoders=self.objective.encoders(),
+            global_batch=self.global_batch, data_dir=inp.data_dir,
+            process_index=jax.process_index(), process_count=jax.process_count())
+        self.evaluators = {name: evals.get(name, cfg.type)(name, cfg, context)
                            for name, cfg in config.evals.items()}
+        self._preflight()
 
     # -- building --------------------------------------------------------------------------
 
@@ -137,19 +204,32 @@ class Experiment:
         return stack
 
     def _split_size(self, key: str, dataset: str, split: str) -> int:
-        """Examples in `split` of `dataset`; errors name the config key."""
-        info = pipeline.dataset_info(dataset, data_dir=self.config.input.data_dir)
-        base = split.split("[")[0]  # tfds slices such as 'train[:90%]'
-        if base not in info.num_examples:
-            raise ValueError(f"{key}={split!r} is not a split of {dataset!r}; it has "
-                             f"{sorted(info.num_examples)}.")
-        return info.num_examples[base]
+        """Examples in `split` (tfds slices counted exactly); errors name the config key."""
+        try:
+            size = pipeline.split_size(dataset, split, data_dir=self.config.input.data_dir)
+        except ValueError as e:
+            raise ValueError(f"{key}={split!r}: {e}") from None
+        if size < 1:
+            raise ValueError(f"{key}={split!r} of {dataset!r} holds no examples.")
+        return size
 
-    def _epoch_size(self) -> int:
-        for name, cfg in self.config.evals.items():
-            self._split_size(f"evals.{name}.split", cfg.dataset, cfg.split)
+    def _preflight(self) -> None:
+        """Traces the step and the evaluators on abstract batches shaped by the pp strings."""
         inp = self.config.input
-        return self._split_size("input.split", inp.dataset, inp.split)
+        example = pipeline.example_spec(dataset=inp.dataset, split=inp.split, pp=inp.pp,
+                                        data_dir=inp.data_dir)
+        spec = batch_spec("input.pp", example, inp.batch_size, self.batch_sharding)
+        try:
+            with self.context():
+                jax.eval_shape(self._step, self.abstract_state, spec)
+        except Exception as e:  # any tracing failure: say which pp produced the batch
+            raise ValueError(f"input.pp: batches {_shapes(spec)} do not fit objective "
+                             f"{self.config.objective!r} and its model: {type(e).__name__}: "
+                             f"{e}") from e
+        for name, evaluator in self.evaluators.items():
+            cfg = self.config.evals[name]
+            evaluator.check(pipeline.example_spec(dataset=cfg.dataset, split=cfg.split, pp=cfg.pp,
+                                                  data_dir=inp.data_dir, eval_mode=True))
 
     def _key_data(self, seed: int) -> jax.Array:
         """Raw uint32 key data: what the state stores (checkpointable as a plain array)."""
@@ -186,8 +266,8 @@ class Experiment:
         return sharding.global_batch(local, self.batch_sharding)
 
     @property
-    def steps_per_epoch(self) -> float | None:
-        return self.epoch_size / self.config.input.batch_size if self.epoch_size else None
+    def steps_per_epoch(self) -> float:
+        return self.epoch_size / self.config.input.batch_size
 
     @property
     def flops_per_step(self) -> float | None:
@@ -198,27 +278,3 @@ class Experiment:
     def model(self, state: dict) -> nnx.Module:
         """The objective's model holding `state`'s parameters (for notebooks and tools)."""
         return nnx.merge(self.graphdef, state["params"], state["model_state"])
-
-    def compile_eval(self, fn):
-        """jit fn(model, extra, batch) for this mesh; returns call(state, batch) -> numpy tree."""
-        sh = self.state_shardings
-
-        def apply(params, model_state, extra, batch):
-            return fn(nnx.merge(self.graphdef, params, model_state), extra, batch)
-
-        jitted = jax.jit(apply, in_shardings=(sh["params"], sh["model_state"], sh["extra"],
-                                              self.batch_sharding),
-                         out_shardings=self.replicated)
-
-        def call(state, batch):
-            with self.context():
-                out = jitted(state["params"], state["model_state"], state["extra"], batch)
-            return evals.base.to_host(out)
-
-        return call
-
-    def _eval_context(self) -> evals.EvalContext:
-        return evals.EvalContext(
-            compile=self.compile_eval, encoders=self.objective.encoders(),
-            global_batch=self.global_batch, data_dir=self.config.input.data_dir,
-            process_index=jax.process_index(), process_count=jax.process_count())

@@ -1,16 +1,18 @@
-"""Initialise a fresh run's parameters from another run's checkpoint (`config.init_from`).
+"""Initialise a fresh run's parameters from a checkpoint (`config.init_from`).
 
-Parameters are chosen by regex on their names (`include`, `exclude`), may be looked up under
-another name (`rename`: ((regex, replacement), ...) applied to our names), and learned patch
-position embeddings are resampled when the patch grid differs (fine-tuning at a new image
-size, ViT paper Sec. 3.2). Everything else keeps its fresh initialisation. Only the source's
-`params` are read, as numpy, by every process.
+The source is a vistax run (a workdir, its checkpoints/ folder or one step folder) or another
+codebase's weight file (`.safetensors`, or a torch `.bin`/`.pt`/`.pth` loaded with
+`weights_only=True`, never unpickling arbitrary objects), converted by the objective's
+`import_weights` (e.g. Hugging Face ViT for classification). Parameters are chosen by regex on
+their names (`include`, `exclude`), may be looked up under another name (`rename`:
+((regex, replacement), ...) applied to our names), and learned patch position embeddings are
+resampled when the patch grid differs (fine-tuning at a new image size, ViT paper Sec. 3.2).
+Everything else keeps its fresh initialisation. Every process reads the source as numpy.
 """
 
 from __future__ import annotations
 
 import os
-import re
 
 import jax
 import numpy as np
@@ -49,8 +51,38 @@ def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
     return {prefix: tree}
 
 
-def read_params(path: str, step: int | None = None) -> dict[str, np.ndarray]:
-    """All parameters of a vistax checkpoint as {name: numpy array}."""
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+    """A foreign weight file as {name: float32 numpy array}."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"init_from.path={path!r}: no such weight file.")
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+        return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"init_from.path={path!r} is a torch file; install torch (the `torch` "
+                          "extra) or convert it to .safetensors.") from None
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+    return {k: v.float().numpy() for k, v in sd.items() if hasattr(v, "float")}
+
+
+def read_params(path: str, step: int | None = None, importer=None) -> dict[str, np.ndarray]:
+    """All parameters of a checkpoint as {name: numpy array}.
+
+    `importer(state_dict) -> nested params` converts a foreign weight file (see module doc).
+    """
+    if path.endswith(WEIGHT_FILES):
+        if importer is None:
+            raise ValueError(f"init_from.path={path!r} is a foreign weight file, which this "
+                             "objective cannot import.")
+        return _flatten(importer(read_state_dict(path)))
     state_dir = os.path.join(_step_dir(path, step), "state")
     checkpointer = ocp.PyTreeCheckpointer()
     meta = checkpointer.metadata(state_dir).item_metadata["params"]
@@ -62,23 +94,25 @@ def read_params(path: str, step: int | None = None) -> dict[str, np.ndarray]:
 
 
 def _source_name(name: str, rename) -> str:
-    for pattern, replacement in rename:
-        name = re.sub(pattern, replacement, name)
+    for regex, replacement in rename:
+        name = regex.sub(replacement, name)
     return name
 
 
-def apply(cfg, params):
+def apply(cfg, params, importer=None):
     """Returns `params` (sharded jax arrays) with the selected leaves replaced from `cfg.path`.
 
     Also returns a summary (names loaded, names kept fresh) for the log.
     """
-    source = read_params(cfg.path, cfg.get("step"))
-    rename = [tuple(pair) for pair in cfg.get("rename", ())]
-    for pair in rename:
+    source = read_params(cfg.path, cfg.get("step"), importer)
+    rename = []
+    for pair in cfg.get("rename", ()):
         if len(pair) != 2:
             raise ValueError(f"init_from.rename entry {pair!r}: expected (regex, replacement).")
-    include = re.compile(cfg.get("include") or ".*")
-    exclude = re.compile(cfg.exclude) if cfg.get("exclude") else None
+        rename.append((param_groups.compile_regex("init_from.rename", pair[0]), pair[1]))
+    include = param_groups.compile_regex("init_from.include", cfg.get("include") or ".*")
+    exclude = (param_groups.compile_regex("init_from.exclude", cfg.exclude)
+               if cfg.get("exclude") else None)
     names = param_groups.names(params)
     leaves, treedef = jax.tree.flatten(params)
     loaded, fresh, missing = [], [], []

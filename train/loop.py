@@ -1,8 +1,9 @@
 """The one trainer loop for every method, and the evaluation of a saved run.
 
 Resumes automatically from the latest checkpoint in the workdir; logs to metrics.jsonl and
-TensorBoard; runs evaluators on their own schedules; stops on the first non-finite loss or
-gradient without saving the bad state.
+TensorBoard; checkpoints, then runs evaluators, on their own schedules; stops on the first
+non-finite loss or gradient without saving or evaluating the bad state. Nothing is written to
+the workdir until the config has been validated and the starting state built.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 
 import jax
 
+from vistax import evals
 from vistax.data import pipeline
 from vistax.evals.base import to_host
 from vistax.train import durations, init_from
@@ -28,8 +30,8 @@ class NonFiniteError(FloatingPointError):
 
 
 def _every(key: str, text: str, exp: Experiment) -> int:
-    return max(1, durations.steps(key, text, global_batch=exp.config.input.batch_size,
-                                  epoch_size=exp.epoch_size))
+    return durations.steps(key, text, global_batch=exp.config.input.batch_size,
+                           epoch_size=exp.epoch_size)
 
 
 def _write_config(workdir: str, config) -> None:
@@ -52,14 +54,35 @@ def _write_config(workdir: str, config) -> None:
     log.warning("Config differs from %s; saved the new one as config.%d.json.", path, i)
 
 
-def _check_finite(state: dict, step: int, last_saved: int | None, metrics: dict) -> None:
+def _check_finite(state: dict, last_saved: int | None, metrics: dict) -> None:
     bad = int(jax.device_get(state["first_nonfinite_step"]))
     if bad >= 0:
         raise NonFiniteError(
-            f"Non-finite loss or gradient norm first at step {bad + 1} (latest logged metrics: "
+            f"Non-finite loss or gradient norm first at step {bad + 1} (latest metrics: "
             f"{json.dumps({k: float(v) for k, v in metrics.items()})}). The bad state was not "
             f"saved; the last good checkpoint is step {last_saved}. Lower the learning rate, enable "
             "grad_clip_norm or check the input data.")
+
+
+def _starting_state(exp: Experiment, workdir: str, data_iter) -> tuple[dict, int | None, str]:
+    """(state, step resumed from or None, note): the latest checkpoint in `workdir` (data
+    iterator restored too) or a fresh state, with `init_from` applied. Writes nothing."""
+    config = exp.config
+    reader = Checkpointer(workdir, keep=config.checkpoint.keep, asynchronous=False, create=False)
+    try:
+        latest = reader.latest_step()
+        if latest is not None:
+            return reader.restore(latest, exp.abstract_state, data_iter), latest, \
+                f", resumed from step {latest}"
+    finally:
+        reader.close()
+    state = exp.init_state()
+    if not config.init_from.path:
+        return state, None, ""
+    state["params"], summary = init_from.apply(config.init_from, state["params"],
+                                               exp.objective.import_weights)
+    return state, None, (f"; {len(summary['loaded'])} parameters from {config.init_from.path}, "
+                         f"{len(summary['fresh'])} fresh")
 
 
 def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
@@ -73,93 +96,89 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     data_iter = pipeline.train_iterator(
         dataset=inp.dataset, split=inp.split, pp=inp.pp, global_batch_size=inp.batch_size,
         seed=config.seed, data_dir=inp.data_dir, worker_count=inp.worker_count)
+    ckpt = writer = None
+    try:
+        state, latest, note = _starting_state(exp, workdir, data_iter)
+        is_main = jax.process_index() == 0
+        os.makedirs(workdir, exist_ok=True)
+        if is_main:
+            _write_config(workdir, config)
+        ckpt = Checkpointer(workdir, keep=config.checkpoint.keep,
+                            asynchronous=config.checkpoint.asynchronous)
+        writer = MetricWriter(workdir, enabled=is_main)
+        if latest is not None:  # steps after `latest` may already be logged by the lost run
+            writer.write(latest, {"resumed": 1})
+        return _run(exp, state, latest, note, data_iter, ckpt, writer, stop_after)
+    finally:
+        if ckpt is not None:
+            ckpt.wait()
+            ckpt.close()
+        if writer is not None:
+            writer.close()
+        data_iter.close()  # stops grain worker processes
+
+
+def _run(exp, state, latest, note, data_iter, ckpt, writer, stop_after) -> dict:
+    config, inp = exp.config, exp.config.input
     is_main = jax.process_index() == 0
-    # Restore or build the state before writing anything, so a failing load leaves no trace.
-    reader = Checkpointer(workdir, keep=config.checkpoint.keep, asynchronous=False, create=False)
-    latest = reader.latest_step()
-    init_note = ""
-    if latest is not None:
-        state = reader.restore(latest, exp.abstract_state, data_iter)
-    else:
-        state = exp.init_state()
-        if config.init_from.path:
-            state["params"], summary = init_from.apply(config.init_from, state["params"])
-            init_note = (f"; {len(summary['loaded'])} parameters from {config.init_from.path}, "
-                         f"{len(summary['fresh'])} fresh")
-    reader.close()
-    os.makedirs(workdir, exist_ok=True)
-    if is_main:
-        _write_config(workdir, config)
-    ckpt = Checkpointer(workdir, keep=config.checkpoint.keep,
-                        asynchronous=config.checkpoint.asynchronous)
-    writer = MetricWriter(workdir, enabled=is_main)
     step = int(jax.device_get(state["step"]))
     total = exp.total_steps
     log_every = _every("log_every", config.log_every, exp)
     ckpt_every = _every("checkpoint.every", config.checkpoint.every, exp)
-    evaluators = exp.evaluators
-    eval_every = {name: _every(f"evals.{name}.every", cfg.get("every", "1 epochs"), exp)
+    eval_every = {name: _every(f"evals.{name}.every", cfg.get("every", evals.DEFAULT_EVERY), exp)
                   for name, cfg in config.evals.items()}
     peak, peak_source = peak_flops_per_device(jax.devices()[0], config.peak_flops_per_device)
     speed = Throughput(batch_size=inp.batch_size, num_devices=jax.device_count(),
                        flops_per_step=exp.flops_per_step, peak_per_device=peak)
     progress = Progress(total_steps=total, mode=config.progress)
     if is_main:
-        resumed = f", resumed from step {latest}" if latest is not None else init_note
         progress.message(f"vistax: {total} steps of {inp.batch_size} examples on "
                          f"{jax.device_count()} {jax.devices()[0].platform} devices, mesh "
-                         f"{dict(exp.mesh.shape)}{resumed}; peak {peak:.3g} FLOP/s/device "
+                         f"{dict(exp.mesh.shape)}{note}; peak {peak:.3g} FLOP/s/device "
                          f"({peak_source}).")
     last_saved = latest
     metrics, logged = {}, {}
     start_step = step
-    try:
-        while step < total:
-            if stop_after is not None and step - start_step >= stop_after:
-                return logged
-            batch = exp.global_batch(next(data_iter))
-            state, metrics = exp.train_step(state, batch)
-            step += 1
-            if not speed.started():
-                jax.block_until_ready(metrics)
-                speed.start()
-            else:
-                speed.count()
-            is_last = step == total
-            if step % log_every == 0 or is_last:
-                host = to_host(metrics)
-                _check_finite(state, step, last_saved, host)
-                logged = {f"train/{k}": float(v) for k, v in host.items()}
-                logged["train/epoch"] = step / exp.steps_per_epoch if exp.steps_per_epoch else 0.0
-                logged.update(speed.read())
-                writer.write(step, logged)
-                if is_main:
-                    progress.update(step, logged)
-            due = [n for n in evaluators if step % eval_every[n] == 0 or is_last]
-            if due:
-                speed.pause()
-                results = {}
-                for name in due:
-                    for key, value in evaluators[name].run(state).items():
-                        results[f"eval/{name}/{key}"] = value
-                writer.write(step, results)
-                logged.update(results)
-                if is_main:
-                    progress.message(f"step {step}: " + ", ".join(
-                        f"{k}={v:.4g}" for k, v in results.items()))
-                speed.resume()
-            if step % ckpt_every == 0 or is_last:
-                speed.pause()
-                _check_finite(state, step, last_saved, to_host(metrics))
-                ckpt.save(step, state, data_iter, config)
-                last_saved = step
-                speed.resume()
-        return logged
-    finally:
-        ckpt.wait()
-        ckpt.close()
-        writer.close()
-        data_iter.close()  # stops grain worker processes and frees their shared memory
+    while step < total:
+        if stop_after is not None and step - start_step >= stop_after:
+            return logged
+        state, metrics = exp.train_step(state, exp.global_batch(next(data_iter)))
+        step += 1
+        if not speed.started():
+            jax.block_until_ready(metrics)
+            speed.start()
+        else:
+            speed.count()
+        is_last = step == total
+        if step % log_every == 0 or is_last:
+            host = to_host(metrics)
+            _check_finite(state, last_saved, host)
+            logged = {f"train/{k}": float(v) for k, v in host.items()}
+            logged["train/epoch"] = step / exp.steps_per_epoch
+            logged.update(speed.read())
+            writer.write(step, logged)
+            if is_main:
+                progress.update(step, logged)
+        save = step % ckpt_every == 0 or is_last
+        due = [n for n in exp.evaluators if step % eval_every[n] == 0 or is_last]
+        if not (save or due):
+            continue
+        jax.block_until_ready(state)  # queued steps count as training time, not as a pause
+        speed.pause()
+        _check_finite(state, last_saved, to_host(metrics))
+        if save:  # before evaluating: a failing evaluator must not cost the checkpoint
+            ckpt.save(step, state, data_iter, config)
+            last_saved = step
+        if due:
+            results = {f"eval/{name}/{key}": value for name in due
+                       for key, value in exp.evaluators[name].run(state).items()}
+            writer.write(step, results)
+            logged.update(results)
+            if is_main:
+                progress.message(f"step {step}: " + ", ".join(
+                    f"{k}={v:.4g}" for k, v in results.items()))
+        speed.resume()
+    return logged
 
 
 def evaluate(config, workdir: str, *, step: int | None = None) -> dict:
@@ -168,16 +187,20 @@ def evaluate(config, workdir: str, *, step: int | None = None) -> dict:
         raise ValueError("config.evals is empty: nothing to evaluate.")
     exp = Experiment(config)
     ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, asynchronous=False, create=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"No checkpoint in {ckpt.directory}; train first with "
-                                f"`vistax train --workdir={workdir}`.")
-    state = ckpt.restore(step, exp.abstract_state)
-    ckpt.close()
-    results = {}
-    for name, evaluator in exp.evaluators.items():
-        for key, value in evaluator.run(state).items():
-            results[f"eval/{name}/{key}"] = value
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"No checkpoint in {ckpt.directory}; train first with "
+                                    f"`vistax train --workdir={workdir}`.")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise FileNotFoundError(f"--step={step} is not in {ckpt.directory}; it has {steps}.")
+        needed = {k: exp.abstract_state[k] for k in ("params", "model_state", "extra")}
+        state = ckpt.restore(step, needed, partial=True)  # no optimizer state needed
+    finally:
+        ckpt.close()
+    results = {f"eval/{name}/{key}": value for name, evaluator in exp.evaluators.items()
+               for key, value in evaluator.run(state).items()}
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     writer.write(step, results)
     writer.close()

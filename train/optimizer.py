@@ -1,9 +1,14 @@
 """Optimizer factory from config: adamw / lamb / lars / sgd, warmup + decay, parameter groups.
 
 Chains are built from optax transforms so that every optimizer shares the same handling of
-decoupled weight decay (per-parameter rate = weight_decay x mask x wd multiplier), per-group
+weight decay (per-parameter rate = weight_decay x mask x wd multiplier), per-group
 learning-rate multipliers, freezing (no update, no optimizer state) and global-norm clipping
 over the trainable parameters.
+
+Weight decay adds rate x param to the update before the learning rate is applied, as optax
+and PyTorch do: for adamw that is decoupled decay scaled by the learning rate (PyTorch's AdamW,
+used by DeiT); for lamb it enters the trust ratio (You et al. 2020); for sgd and lars it is an
+L2 term that passes through momentum (PyTorch SGD, and LARS as in You et al. 2017).
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ def _per_leaf_scale(scales) -> optax.GradientTransformation:
 
 
 def _decoupled_weight_decay(rates) -> optax.GradientTransformation:
-    """Adds rate x param to each update (before the learning rate, as optax.adamw does)."""
+    """Adds rate x param to each update, before the learning rate (see module docstring)."""
 
     def update(updates, state, params):
         return jax.tree.map(lambda u, p, r: u if r == 0.0 or _is_masked(u) else u + r * p,

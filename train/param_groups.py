@@ -20,7 +20,7 @@ def names(tree) -> list[str]:
     return [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def _compile(key: str, pattern: str) -> re.Pattern:
+def compile_regex(key: str, pattern: str) -> re.Pattern:
     try:
         return re.compile(pattern)
     except re.error as e:
@@ -29,7 +29,7 @@ def _compile(key: str, pattern: str) -> re.Pattern:
 
 def assign(tree, key: str, rules: Sequence[tuple[str, object]], default):
     """A tree like `tree` whose leaves are the value of the first rule whose regex matches."""
-    compiled = [(_compile(key, pattern), value) for pattern, value in rules]
+    compiled = [(compile_regex(key, pattern), value) for pattern, value in rules]
     leaf_names = names(tree)
     used = [False] * len(compiled)
 

@@ -28,7 +28,10 @@ def _mesh_shape(key: str, sizes: Mapping[str, int], fill_to: int | None) -> tupl
     bad = [f"{key}.{a}={s}" for a, s in zip(MESH_AXES, shape) if s == 0 or s < -1]
     if bad:
         raise ValueError(f"{', '.join(bad)}: mesh sizes must be positive, or -1 for 'the rest'.")
-    if len(auto) > 1 or (auto and fill_to is None):
+    if auto and fill_to is None:
+        raise ValueError(f"{key}: sizes must be given (no -1; got {auto}): only `mesh` fills an "
+                         "axis from the device count.")
+    if len(auto) > 1:
         raise ValueError(f"{key}: at most one axis may be -1 (got {auto}).")
     known = math.prod(s for s in shape if s != -1)
     if auto:

@@ -4,7 +4,7 @@ State is a dict of pytrees: `step`, `params`, `model_state` (non-parameter model
 `opt_state`, `extra` (objective state such as an EMA teacher), `rng` (raw data of a base key
 of `config.prng_impl`; step t uses `fold_in(key, t)`, so a resumed run draws the same
 randomness) and `first_nonfinite_step` (-1 until a loss or gradient norm is NaN/Inf, then the
-first such step; the loop stops on it)."""
+first such step; the loop checks it before every log, evaluation and checkpoint)."""
 
 from __future__ import annotations
 
@@ -37,48 +37,48 @@ def make_train_step(objective: Objective, graphdef, optimizer: Optimizer, *, acc
 
     def loss_fn(params, model_state, extra, batch, rng):
         model = nnx.merge(graphdef, params, model_state)
-        loss, metrics = objective.loss(model, extra, batch, rng)
+        loss, metrics, stats = objective.loss(model, extra, batch, rng)
         new_model_state = nnx.state(model, nnx.Not(nnx.Param))
-        return loss, (metrics, new_model_state)
+        return loss, ((metrics, stats), new_model_state)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def gradients(params, model_state, extra, batch, rng):
+        """(loss, (metrics, stats), model_state, grads), averaged over microbatches."""
         if accum_steps == 1:
-            (loss, (metrics, model_state)), grads = grad_fn(params, model_state, extra, batch, rng)
-            return loss, metrics, model_state, grads
+            (loss, (aux, model_state)), grads = grad_fn(params, model_state, extra, batch, rng)
+            return loss, aux, model_state, grads
 
         def body(carry, xs):
-            grads_sum, loss_sum, metrics_sum, mstate = carry
+            grads_sum, loss_sum, aux_sum, mstate = carry
             index, microbatch = xs
-            (loss, (metrics, mstate)), grads = grad_fn(params, mstate, extra, microbatch,
-                                                       jax.random.fold_in(rng, index))
+            (loss, (aux, mstate)), grads = grad_fn(params, mstate, extra, microbatch,
+                                                   jax.random.fold_in(rng, index))
             grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-            metrics_sum = jax.tree.map(jnp.add, metrics_sum, metrics)
-            return (grads_sum, loss_sum + loss, metrics_sum, mstate), None
+            aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
+            return (grads_sum, loss_sum + loss, aux_sum, mstate), None
 
         microbatches = split_microbatches(batch, accum_steps, batch_axes)
         first = jax.tree.map(lambda x: x[0], microbatches)
-        metrics_shape = jax.eval_shape(
-            lambda: grad_fn(params, model_state, extra, first, rng)[0][1][0])
+        aux_shape = jax.eval_shape(lambda: grad_fn(params, model_state, extra, first, rng)[0][1][0])
         zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
-                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape), model_state)
-        (grads, loss, metrics, model_state), _ = jax.lax.scan(
+                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape), model_state)
+        (grads, loss, aux, model_state), _ = jax.lax.scan(
             body, zeros, (jnp.arange(accum_steps), microbatches))
         scale = 1.0 / accum_steps
-        return (loss * scale, jax.tree.map(lambda m: m * scale, metrics), model_state,
+        return (loss * scale, jax.tree.map(lambda m: m * scale, aux), model_state,
                 jax.tree.map(lambda g: g * scale, grads))
 
     def step(state: dict, batch: dict) -> tuple[dict, dict]:
         key = jax.random.wrap_key_data(state["rng"], impl=prng_impl)
         rng = jax.random.fold_in(key, state["step"])
         params = state["params"]
-        loss, metrics, model_state, grads = gradients(params, state["model_state"], state["extra"],
-                                                      batch, rng)
+        loss, (metrics, stats), model_state, grads = gradients(
+            params, state["model_state"], state["extra"], batch, rng)
         grad_norm = trainable_global_norm(grads, optimizer.trainable)
         updates, opt_state = optimizer.tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
-        params, extra = objective.after_update(params, state["extra"], state["step"])
+        params, extra = objective.after_update(params, state["extra"], stats, state["step"])
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         first_bad = state["first_nonfinite_step"]
         first_bad = jnp.where((first_bad < 0) & ~finite, state["step"], first_bad)

@@ -5,7 +5,9 @@ already-encoded bytes (or a path), and the `decode` pp op decodes them at read t
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import sys
 
 import numpy as np
 from PIL import Image
@@ -29,20 +31,27 @@ class ArrayRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         super().__init__(data_dir=data_dir, config=config, file_format="array_record")
 
     def prepare(self) -> str:
-        """Writes the dataset unless it is already prepared; returns its version directory."""
+        """Writes the dataset unless it is already prepared; returns its version directory.
+
+        tfds' progress bars (switched off for the process) and banners are replaced by one line
+        on stderr.
+        """
         if not self.is_prepared():
-            self.download_and_prepare()
+            print(f"vistax: preparing dataset {self.name} in {self.data_path} ...", file=sys.stderr)
+            tfds.disable_progress_bar()
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.download_and_prepare()
         return str(self.data_path)
 
 
 def make_info(builder: tfds.core.DatasetBuilder, features: tfds.features.FeaturesDict,
-                            description: str) -> tfds.core.DatasetInfo:
+              description: str) -> tfds.core.DatasetInfo:
     """DatasetInfo for `builder`, unshuffled on write.
 
     (`dataset_info_from_configs` would look for README/CITATIONS files next to the code.)
     """
     return tfds.core.DatasetInfo(
-            builder=builder, description=description, features=features, disable_shuffling=True)
+        builder=builder, description=description, features=features, disable_shuffling=True)
 
 
 def encode_png(image: np.ndarray) -> bytes:

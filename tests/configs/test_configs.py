@@ -6,6 +6,7 @@ import importlib
 import os
 
 import jax
+import numpy as np
 import pytest
 
 from vistax.configs import common, vit
@@ -100,14 +101,33 @@ def test_every_preset_passes_check_config(module, preset):
     assert objective.config is config
 
 
-def test_paper_presets_follow_deit():
-    for preset, drop_path in (("S/16", 0.0), ("B/16", 0.1), ("L/16", 0.1)):
-        c = vit.get_config(preset)
-        assert c.model.variant == preset and c.model.drop_path == drop_path
-        assert (c.optimizer.name, c.optimizer.weight_decay) == ("adamw", 0.05)
-        assert (c.schedule.base_lr, c.schedule.reference_batch_size) == (5e-4, 512)
-        assert (c.duration, c.schedule.warmup) == ("300 epochs", "5 epochs")
-        assert (c.loss.label_smoothing, c.loss.mixup_alpha, c.loss.cutmix_alpha) == (0.1, 0.8, 1.0)
+@pytest.fixture(scope="module")
+def fake_imagenet(tmp_path_factory):
+    """A data_dir holding a 2-class `imagenet2012` made by `vistax prepare` from train/ and
+    val/ class folders (val/ becomes the `validation` split the presets evaluate on)."""
+    from PIL import Image
+    from vistax.data import prepare
+    root = tmp_path_factory.mktemp("imagenet_folders")
+    for split in ("train", "val"):
+        for cls in ("n01", "n02"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(2):
+                pixels = np.random.default_rng(i).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    data_dir = tmp_path_factory.mktemp("tfds")
+    prepare.prepare(str(root), str(data_dir / "imagenet2012"))
+    return str(data_dir)
+
+
+@pytest.mark.parametrize("preset", ["S/16", "B/16", "L/16"])
+def test_paper_presets_build_against_a_prepared_imagenet(preset, fake_imagenet):
+    c = vit.get_config(preset)
+    c.input.data_dir = fake_imagenet
+    exp = experiment.Experiment(c)  # resolves `imagenet2012`, traces the step and the eval
+    assert exp.epoch_size == 4 and exp.total_steps == 2  # ceil(300 epochs x 4 / batch 1024)
+    assert c.model.variant == preset and c.model.drop_path == 0.1  # DeiT Table 9
+    assert "method='bicubic'" in c.input.pp and "method='bicubic'" in c.evals.val.pp
 
 
 # -- check_config errors ---------------------------------------------------------------------

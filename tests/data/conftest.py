@@ -15,11 +15,6 @@ def shapes_sizes() -> dict[str, int]:
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("datasets"))
-
-
-@pytest.fixture(scope="session")
 def digits_dir(data_dir) -> str:
     """Version directory of the prepared `digits` dataset."""
     return builtins.prepare_builtin("digits", data_dir)

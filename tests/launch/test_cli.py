@@ -148,8 +148,10 @@ def test_eval_without_checkpoint_fails(tmp_path, data_dir):
     (["--config.evals.test.batch_size=12"], ["evals.test.batch_size=12", "multiple of 8"]),
     (["--config.input.pp=decode|bogus_op(3)"], ["input.pp", "bogus_op"]),
     (["--config.evals.test.split=nope"], ["evals.test.split='nope'", "'test', 'train'"]),
+    (["--config.input.pp=decode|onehot(7)"], ["input.pp: batches", "'labels': ((128, 7)",
+                                              "do not fit objective 'classification'"]),
 ], ids=["unknown-key", "wrong-type", "batch-not-divisible", "unknown-option", "unknown-preset",
-        "eval-batch-not-divisible", "unknown-pp-op", "unknown-eval-split"])
+        "eval-batch-not-divisible", "unknown-pp-op", "unknown-eval-split", "pp-does-not-fit"])
 def test_bad_config_fails_before_any_work(tmp_path, data_dir, args, expected):
     config = f"--config={CONFIG}:tiny"
     if args[0].startswith(":"):

@@ -23,8 +23,10 @@ def _named(params):
 
 def test_fine_tune_at_a_larger_image_size(small_vit_config, source_run):
     source = init_from.read_params(source_run)
-    config = small_vit_config(**{"model.image_size": 48,
-                                 "init_from.path": source_run, "init_from.exclude": "head/.*"})
+    config = small_vit_config(**{
+        "model.image_size": 48, "input.pp": "decode|resize(48)|onehot(10)",
+        "evals.test.pp": "decode|resize(48)|keep('image', 'label')",
+        "init_from.path": source_run, "init_from.exclude": "head/.*"})
     exp = Experiment(config)
     fresh = exp.init_state()
     params, summary = init_from.apply(config.init_from, fresh["params"])
@@ -87,3 +89,47 @@ def test_training_starts_from_the_loaded_parameters(small_vit_config, source_run
     trained = init_from.read_params(workdir)
     for name, value in source.items():  # lr 0: the checkpoint holds exactly what was loaded
         np.testing.assert_array_equal(trained[name], value)
+
+
+def test_hugging_face_weight_files(small_vit_config, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from safetensors.numpy import save_file
+    from vistax.models import convert
+
+    hf_cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=128, image_size=32, patch_size=8,
+                                    num_labels=10)
+    torch.manual_seed(0)
+    hf = transformers.ViTForImageClassification(hf_cfg)
+    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    save_file(sd, str(tmp_path / "vit.safetensors"))
+    torch.save(hf.state_dict(), str(tmp_path / "vit.pt"))
+    for name in ("vit.safetensors", "vit.pt"):
+        config = small_vit_config(**{"init_from.path": str(tmp_path / name)})
+        exp = Experiment(config)
+        params, summary = init_from.apply(config.init_from, exp.init_state()["params"],
+                                          exp.objective.import_weights)
+        assert summary["fresh"] == []
+        expected = _named_dict(convert.vit_from_hf(sd, exp.objective.vit_config))
+        for key, value in _named(params).items():
+            np.testing.assert_array_equal(value, expected[key], err_msg=f"{name}: {key}")
+    # A bare ViTModel has no classifier: the head must be excluded (kept fresh), not invented.
+    bare = {k[len("vit."):]: v for k, v in sd.items() if k.startswith("vit.")}
+    save_file(bare, str(tmp_path / "bare.safetensors"))
+    config = small_vit_config(**{"init_from.path": str(tmp_path / "bare.safetensors")})
+    exp = Experiment(config)
+    with pytest.raises(ValueError, match="lacks 2 selected.*head/bias"):
+        init_from.apply(config.init_from, exp.init_state()["params"], exp.objective.import_weights)
+    config.init_from.exclude = "head/.*"
+    _, summary = init_from.apply(config.init_from, exp.init_state()["params"],
+                                 exp.objective.import_weights)
+    assert summary["fresh"] == ["head/bias", "head/kernel"]
+
+
+def _named_dict(nested, prefix=""):
+    out = {}
+    for key, value in nested.items():
+        name = f"{prefix}/{key}" if prefix else key
+        out.update(_named_dict(value, name) if isinstance(value, dict) else {name: value})
+    return out

@@ -39,12 +39,7 @@ def make_config(name="sgd", lr=0.5, **overrides):
     c.optimizer.weight_decay = 0.0
     c.schedule.name = "constant"
     c.schedule.base_lr = lr
-    for key, value in overrides.items():
-        *parents, leaf = key.split("__")
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict({k.replace("__", "."): v for k, v in overrides.items()})
     return c
 
 
@@ -310,28 +305,18 @@ def test_freeze_with_decay_momentum_and_lr_mults(params, name):
 # -- parity with optax / the update rule -----------------------------------------------------
 
 
-def test_adamw_matches_optax(params):
+@pytest.mark.parametrize("name, reference, rtol", [("adamw", optax.adamw, 1e-6),
+                                                    ("lamb", optax.lamb, 1e-5)])
+def test_adaptive_optimizers_match_optax(params, name, reference, rtol):
     lr, b1, b2, eps, wd = 0.01, 0.8, 0.95, 1e-6, 0.1
-    cfg = make_config("adamw", lr=lr, optimizer__b1=b1, optimizer__b2=b2, optimizer__eps=eps,
+    cfg = make_config(name, lr=lr, optimizer__b1=b1, optimizer__b2=b2, optimizer__eps=eps,
                       optimizer__weight_decay=wd)
     grads = [random_grads(params, s) for s in range(4)]
     ours, _, _ = run(build(cfg, params).tx, params, grads)
-    ref, _, _ = run(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd,
-                                mask=kernel_mask(params)), params, grads)
+    ref, _, _ = run(reference(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd,
+                              mask=kernel_mask(params)), params, grads)
     for a, b in zip(ours, ref):
-        assert_trees_close(a, b, rtol=1e-6)
-
-
-def test_lamb_matches_optax(params):
-    lr, b1, b2, eps, wd = 0.01, 0.8, 0.95, 1e-6, 0.1
-    cfg = make_config("lamb", lr=lr, optimizer__b1=b1, optimizer__b2=b2, optimizer__eps=eps,
-                      optimizer__weight_decay=wd)
-    grads = [random_grads(params, s) for s in range(4)]
-    ours, _, _ = run(build(cfg, params).tx, params, grads)
-    ref, _, _ = run(optax.lamb(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd,
-                               mask=kernel_mask(params)), params, grads)
-    for a, b in zip(ours, ref):
-        assert_trees_close(a, b, rtol=1e-5)
+        assert_trees_close(a, b, rtol=rtol)
 
 
 @pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, False), (0.9, True)])

@@ -109,7 +109,10 @@ def _losses(config, devices) -> np.ndarray:
     return np.array(losses)
 
 
-OVERRIDES = {"input.pp": "decode", "loss.label_smoothing": 0.1, "duration": "10 steps"}
+# Every source of randomness on: the draws must not depend on how the batch is sharded.
+OVERRIDES = {"input.pp": "decode", "loss.label_smoothing": 0.1, "duration": "10 steps",
+             "model.dropout": 0.1, "model.drop_path": 0.1, "loss.mixup_alpha": 0.8,
+             "loss.cutmix_alpha": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +129,10 @@ def test_sharded_runs_match_one_device(small_vit_config, one_device_losses, mesh
     single = one_device_losses
     sharded = _losses(small_vit_config(**OVERRIDES, **{f"mesh.{k}": v for k, v in mesh.items()}),
                       jax.devices())
-    # A zero-initialised head gives uniform logits: cross-entropy ln(10) whatever the (smoothed)
-    # targets; then the loss falls, so the runs compared below really train.
+    # A zero-initialised head gives uniform logits: cross-entropy ln(10) whatever the (smoothed,
+    # mixed) targets; then the loss falls, so the runs compared below really train.
     np.testing.assert_allclose(single[0], np.log(10), rtol=1e-6)
-    assert single[-1] < 0.9 * single[0]
+    assert single[-1] < 0.95 * single[0]
     print("losses", single, "max relative difference:", np.max(np.abs(sharded - single) / single))
     # Tolerance: float32 sums reduced in a different order across devices; after 10 Adam steps
     # the losses agree to ~3e-7 relative, far below what a real sharding bug gives (>1e-2).

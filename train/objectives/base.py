@@ -34,14 +34,23 @@ class Objective:
         return {}
 
     def loss(self, model: nnx.Module, extra, batch: dict, rng: jax.Array
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Scalar loss and scalar metrics for one (micro)batch; pure, traced inside jit."""
+             ) -> tuple[jax.Array, dict[str, jax.Array], object]:
+        """(scalar loss, scalar metrics, stats) for one (micro)batch; pure, traced inside jit.
+
+        `stats` is any pytree of batch statistics the extra state needs (e.g. the mean teacher
+        output for DINO's center); it is averaged over microbatches and given to
+        `after_update`. Return {} when there are none.
+        """
         raise NotImplementedError
 
-    def after_update(self, params, extra, step: jax.Array):
+    def after_update(self, params, extra, stats, step: jax.Array):
         """Moves (params, extra) after the optimizer step; identity by default."""
-        del step
+        del stats, step
         return params, extra
+
+    def import_weights(self, state_dict: dict) -> dict:
+        """Another codebase's state dict -> nested params like the model's (for init_from)."""
+        raise ValueError(f"objective {type(self).__name__} cannot import foreign weight files.")
 
     def encoders(self) -> dict[str, Encoder]:
         """Named functions evaluators call, e.g. {'logits': ..., 'image_features': ...}."""

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from vistax.models import vit
+from vistax.models import convert, vit
 from vistax.train.objectives.base import Objective
 
 
@@ -97,7 +97,12 @@ class Classification(Objective):
         smoothed = optax.smooth_labels(targets, cfg.label_smoothing)
         loss = optax.softmax_cross_entropy(logits, smoothed).mean()
         accuracy = (logits.argmax(-1) == targets.argmax(-1)).mean()
-        return loss, {"accuracy": accuracy}
+        return loss, {"accuracy": accuracy}, {}
+
+    def import_weights(self, state_dict: dict) -> dict:
+        """Hugging Face ViT (`ViTModel` / `ViTForImageClassification`) weights."""
+        prefix = "vit." if any(k.startswith("vit.") for k in state_dict) else ""
+        return convert.vit_from_hf(state_dict, self.vit_config, prefix=prefix)
 
     def encoders(self):
         def logits(model, extra, batch):
