@@ -53,7 +53,7 @@ def get_config(arg=None):
     if arg.preset == "tiny":
         c.input.dataset = "digits"
         c.input.batch_size = 128
-        c.input.pp = ("decode|random_resized_crop(32, scale=(0.5, 1.0), ratio=(0.8, 1.25))"
+        c.input.pp = ("decode|random_resized_crop(32, scale=(0.7, 1.0), ratio=(0.8, 1.25))"
                       "|value_range(-1, 1)|onehot(10)|keep('image', 'labels')")
         c.model = model_config(width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=8,
                                image_size=32, num_classes=10, scan=False)

@@ -53,6 +53,6 @@ class ClassificationEvaluator(Evaluator):
         for batch in self.ctx.batches(self.cfg):
             for key, value in self._sums(state, batch).items():
                 totals[key] = totals.get(key, 0.0) + float(value)
-        count = max(totals.get("count", 0.0), 1.0)
+        count = totals["count"]  # > 0: the trainer refuses empty splits
         return {"accuracy": totals["correct"] / count, "top5_accuracy": totals["correct_top5"] / count,
                 "loss": totals["nll"] / count, "num_examples": totals["count"]}

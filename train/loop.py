@@ -106,8 +106,8 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
         ckpt = Checkpointer(workdir, keep=config.checkpoint.keep,
                             asynchronous=config.checkpoint.asynchronous)
         writer = MetricWriter(workdir, enabled=is_main)
-        if latest is not None:  # steps after `latest` may already be logged by the lost run
-            writer.write(latest, {"resumed": 1})
+        if latest is not None and latest < exp.total_steps:  # the lost run may have logged
+            writer.write(latest, {"resumed": 1})  # steps after `latest`: they come again
         return _run(exp, state, latest, note, data_iter, ckpt, writer, stop_after)
     finally:
         if ckpt is not None:

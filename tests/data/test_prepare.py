@@ -51,15 +51,15 @@ def test_class_folders_with_split_folders(tmp_path):
     _save(root / "val" / "dog" / "grey.jpg", _image(5, (20, 40)), fmt="JPEG")
 
     report = prepare.prepare(str(root), str(tmp_path / "out"))
-    assert report.splits == {"train": 6, "val": 5} and report.written == 11
+    assert report.splits == {"train": 6, "validation": 5} and report.written == 11  # val/ renamed
     assert report.skipped == 2
     assert sorted(os.path.basename(p) for p in report.skipped_paths) == ["broken.png",
                                                                          "notes.txt"]
     assert "skipped 2" in report.summary()
 
     info = pipeline.dataset_info(report.output_dir)
-    assert info.class_names == ["cat", "dog"] and info.num_examples == {"train": 6, "val": 5}
-    val = _all(report.output_dir, "val", pp="keep('image', 'label', 'file_name')")
+    assert info.class_names == ["cat", "dog"] and info.num_examples == {"train": 6, "validation": 5}
+    val = _all(report.output_dir, "validation", pp="keep('image', 'label', 'file_name')")
     for image, label, name in zip(val["image"], val["label"], val["file_name"]):
         if name in originals:  # RGB PNGs are stored as they were
             assert image == originals[name][0] and label == originals[name][1]
