@@ -14,7 +14,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -101,10 +100,7 @@ def batch_spec(key: str, example: dict, batch_size: int, batch_sharding) -> dict
     """Abstract global batch of `batch_size` copies of one preprocessed example."""
     spec = {}
     for name, value in example.items():
-        value = np.asarray(value)
-        if value.dtype == object or value.dtype.kind in "US":
-            raise ValueError(f"{key} leaves the text field {name!r} in the batch; tokenize it or "
-                             "drop it with keep(...).")
+        value = sharding.numeric_field(name, value, where=f"{key}: the batch")
         spec[name] = jax.ShapeDtypeStruct((batch_size,) + value.shape, value.dtype,
                                           sharding=batch_sharding)
     return spec

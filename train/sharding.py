@@ -159,11 +159,14 @@ def num_batch_shards(mesh: Mesh, rules: Sequence[tuple[str, object]]) -> int:
 
 def global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
     """Process-local numpy batch -> global jax.Arrays, batch dimension sharded over the mesh."""
-    out = {}
-    for key, value in local.items():
-        value = np.asarray(value)
-        if value.dtype == object or value.dtype.kind in "US":
-            raise TypeError(f"Batch field {key!r} holds {value.dtype} values; tokenize text or drop "
-                            "it with keep(...) in the pp string before batching.")
-        out[key] = jax.make_array_from_process_local_data(sharding, value)
-    return out
+    return {key: jax.make_array_from_process_local_data(sharding, numeric_field(key, value))
+            for key, value in local.items()}
+
+
+def numeric_field(name: str, value, where: str = "The batch") -> np.ndarray:
+    """`value` as a numeric array; text (str/bytes/object) cannot go onto devices."""
+    value = np.asarray(value)
+    if value.dtype == object or value.dtype.kind in "US":
+        raise TypeError(f"{where} field {name!r} holds {value.dtype} values; tokenize text or drop "
+                        "it with keep(...) in the pp string before batching.")
+    return value

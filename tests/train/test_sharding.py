@@ -137,3 +137,12 @@ def test_sharded_runs_match_one_device(small_vit_config, one_device_losses, mesh
     # Tolerance: float32 sums reduced in a different order across devices; after 10 Adam steps
     # the losses agree to ~3e-7 relative, far below what a real sharding bug gives (>1e-2).
     np.testing.assert_allclose(sharded, single, rtol=2e-5, atol=0)
+
+
+def test_text_fields_are_refused_before_they_reach_devices():
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    batch_sharding = jax.sharding.NamedSharding(mesh, P(("data",)))
+    with pytest.raises(TypeError, match="'caption'.*tokenize"):
+        sharding.global_batch({"caption": np.array(["a"] * 8)}, batch_sharding)
+    out = sharding.global_batch({"image": np.zeros((8, 2), np.float32)}, batch_sharding)
+    assert out["image"].shape == (8, 2) and out["image"].sharding == batch_sharding
