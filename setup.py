@@ -32,6 +32,9 @@ setuptools.setup(
         "scikit-learn",  # the built-in `digits` dataset
         "tensorboardX",  # TensorBoard event files without TensorFlow
         "safetensors",  # reading foreign weight files (init_from)
+        "regex",  # CLIP BPE pre-tokenisation (Unicode classes)
+        "ftfy",  # CLIP BPE text cleaning
+        "sentencepiece",
     ],
     extras_require={
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],  # libtpu: TPU runs and AOT compiles from a CPU host

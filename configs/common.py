@@ -15,7 +15,8 @@ from ml_collections import config_dict
 # Logical axis -> mesh axes. Parameters and activations name logical axes (models/layers.py);
 # this table, a config key like any other, decides the parallelism. `batch` spans data and fsdp
 # (FSDP is data parallelism with sharded weights); `embed` on weights is what FSDP shards;
-# `mlp`, `heads` and `vocab` are what tensor parallelism splits.
+# `mlp`, `heads` and `vocab` are what tensor parallelism splits; `proj` is the output side of
+# the image/text projection heads.
 DEFAULT_SHARDING_RULES = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
@@ -23,6 +24,8 @@ DEFAULT_SHARDING_RULES = (
     ("heads", "tensor"),
     ("kv", None),
     ("classes", None),
+    ("vocab", "tensor"),
+    ("proj", None),
     ("layers", None),
     ("length", None),
     ("act_embed", None),

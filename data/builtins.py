@@ -56,6 +56,9 @@ def prepare_builtin(name: str, data_dir: str | None = None, **config) -> str:
     data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
     if name == "shapes":
         builder_config = shapes.shapes_config(**config)
+        # tfds refuses a new config object under the name of a declared one: reuse the declared.
+        declared = {c.name: c for c in shapes.Shapes.BUILDER_CONFIGS}
+        builder_config = declared.get(builder_config.name, builder_config)
     elif config:
         raise ValueError(f"built-in dataset {name!r} takes no config, got {sorted(config)}")
     else:

@@ -587,3 +587,40 @@ def copy(src: str, dst: str) -> Op:
         return {**example, dst: example[src]}
 
     return op
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+
+
+@register("tokenize")
+def tokenize(tokenizer: str, length: int, key: str = "caption", out: str = "text") -> Op:
+    """Text in `key` -> int32 token ids (length,) in `out` with the tokenizer of spec
+    `tokenizer` ('clip_bpe:FILE', 'sentencepiece:FILE' or 'bytes'; see data/tokenizers.py).
+
+    `key` may hold a str, UTF-8 bytes, or a list/array of several (e.g. all captions of an
+    image), which give (K, length). The text is removed from the example (strings cannot go
+    onto devices) unless key == out.
+    """
+    from vistax.data import tokenizers  # pylint: disable=import-outside-toplevel
+
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise ValueError(f"length must be a positive int, got {length!r}")
+    tok = tokenizers.get(tokenizer)
+
+    def op(example, rng):
+        del rng
+        value = example[key]
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            value = value.item()
+        if isinstance(value, (str, bytes, np.str_, np.bytes_)):
+            ids = tok.encode([bytes(value) if isinstance(value, np.bytes_) else value], length)[0]
+        elif isinstance(value, (list, tuple, np.ndarray)):
+            ids = tok.encode([bytes(v) if isinstance(v, np.bytes_) else v for v in value], length)
+        else:
+            raise TypeError(f"{key!r} holds {type(value).__name__}, not text")
+        example = {k: v for k, v in example.items() if k != key}
+        example[out] = ids
+        return example
+
+    return op

@@ -2,9 +2,13 @@
 
 from vistax.evals.base import DEFAULT_EVERY, EvalContext, Evaluator
 from vistax.evals.classification import ClassificationEvaluator
+from vistax.evals.retrieval import RetrievalEvaluator
+from vistax.evals.zero_shot import ZeroShotEvaluator
 
 EVALUATORS: dict[str, type[Evaluator]] = {
     "classification": ClassificationEvaluator,
+    "zero_shot": ZeroShotEvaluator,
+    "retrieval": RetrievalEvaluator,
 }
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from vistax.data import pipeline
 
@@ -22,15 +23,38 @@ DEFAULT_EVERY = "1 epochs"
 @dataclasses.dataclass
 class EvalContext:
     """Trainer facilities an evaluator may use."""
-    # compile(fn) -> compiled, with compiled(state, global_batch) -> pytree of numpy values and
-    # compiled.check(key, example, batch_size) tracing it on abstract batches. fn(model, extra,
-    # batch) runs inside jit on the mesh and must return small (replicated) arrays: sums, top-k.
-    compile: Callable[[Callable], object]
+    # compile(fn, outputs="host") -> compiled: fn(model, extra, batch) jitted on the mesh, with
+    # compiled(state, global_batch) and compiled.check(key, example, batch_size) tracing it on
+    # abstract batches (returning the abstract outputs). outputs="host": fn returns small
+    # replicated arrays (sums, counts), which come back as numpy. outputs="device": fn returns
+    # per-example arrays (leading batch dimension, e.g. embeddings), which stay on device as
+    # global jax.Arrays sharded like the batch, for a later reduction on device.
+    compile: Callable[..., object]
     encoders: Mapping[str, Callable]  # the objective's named encoders
     global_batch: Callable[[dict], dict]  # process-local numpy -> global jax.Arrays
     data_dir: str | None
     process_index: int
     process_count: int
+    batch_sharding: NamedSharding  # of global batches: leading dimension over the batch axes
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.batch_sharding.mesh, PartitionSpec())
+
+    def sharded_along(self, axis: int, ndim: int) -> NamedSharding:
+        """Sharding of an `ndim`-array whose dimension `axis` is split like a batch's leading
+        one (e.g. axis 1 of per-batch outputs stacked along a new axis 0), the rest whole."""
+        spec = self.batch_sharding.spec
+        dims = [None] * ndim
+        dims[axis] = spec[0] if len(spec) else None
+        return NamedSharding(self.batch_sharding.mesh, PartitionSpec(*dims))
+
+    def global_array(self, full: np.ndarray) -> jax.Array:
+        """A host array that every process holds in full -> a global array sharded like a batch,
+        rows in order (unlike `global_batch`, whose row order does not matter)."""
+        full = np.asarray(full)
+        return jax.make_array_from_callback(full.shape, self.batch_sharding,
+                                            lambda index: full[index])
 
     def batches(self, cfg) -> Iterator[dict]:
         """Global batches of an evaluator's (dataset, split, pp, batch_size), padded + `_mask`.
@@ -64,6 +88,15 @@ def require(cfg, name: str, keys: tuple[str, ...]) -> None:
     missing = [k for k in keys if cfg.get(k) in (None, "")]
     if missing:
         raise ValueError(f"evals.{name} lacks {', '.join(f'evals.{name}.{k}' for k in missing)}.")
+
+
+def encoder(ctx: EvalContext, name: str, cfg, key: str, default: str) -> Callable:
+    """The objective's encoder named by `evals.<name>.<key>` (default `default`)."""
+    encoder_name = cfg.get(key, default)
+    if encoder_name not in ctx.encoders:
+        raise ValueError(f"evals.{name}.{key}={encoder_name!r}: the objective offers "
+                         f"{sorted(ctx.encoders)}.")
+    return ctx.encoders[encoder_name]
 
 
 def to_host(tree) -> object:

@@ -1,8 +1,10 @@
-"""`vistax <command>`: train, eval, prepare.
+"""`vistax <command>`: train, eval, prepare, tokenizer.
 
   vistax train --config=configs/vit.py:tiny [--config.a.b=value ...] --workdir=DIR
   vistax eval  --config=configs/vit.py:tiny --workdir=DIR      # latest checkpoint in DIR
   vistax prepare --input=FOLDER_OR_CSV --output=DATASET_DIR [--kind=auto|folder|captions]
+  vistax tokenizer --dataset=shapes --split=train --field=caption --vocab_size=8000 \
+      --out=FILE.model [--data_dir=DIR]   # a SentencePiece model for 'sentencepiece:FILE.model'
 
 Multi-process runs: every process runs the same command, with --distributed=auto on TPU pods
 and SLURM clusters (jax.distributed finds its peers), or --coordinator_address, --num_processes
@@ -23,6 +25,7 @@ COMMANDS = {
     "train": "train a config in a workdir (resumes from its latest checkpoint)",
     "eval": "run a config's evaluators on the latest checkpoint in a workdir",
     "prepare": "convert a folder of class subfolders or a CSV/TSV of image,caption to a dataset",
+    "tokenizer": "train a SentencePiece model on a text field of a dataset split",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and argument, "
@@ -44,16 +47,35 @@ _PROCESS_ID = flags.DEFINE_integer(
 _INPUT = flags.DEFINE_string("input", None, "prepare: class folder, or CSV/TSV file.")
 _OUTPUT = flags.DEFINE_string("output", None, "prepare: dataset directory to create.")
 _KIND = flags.DEFINE_enum("kind", "auto", ["auto", "folder", "captions"], "prepare: input kind.")
-_SPLIT = flags.DEFINE_string("split", "train", "prepare: split name for a flat input.")
+_SPLIT = flags.DEFINE_string("split", "train", "prepare: split name for a flat input; "
+                             "tokenizer: the split to read (tfds slices such as train[:10%] too).")
 _IMAGE_COLUMN = flags.DEFINE_string("image_column", "image", "prepare: CSV column of image paths.")
 _CAPTION_COLUMN = flags.DEFINE_string("caption_column", "caption", "prepare: CSV caption column.")
 _MAX_SIZE = flags.DEFINE_integer("max_size", None, "prepare: downscale longer side to this.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "prepare: replace an existing output.")
+_DATASET = flags.DEFINE_string("dataset", None, "tokenizer: built-in name, dataset name in "
+                               "--data_dir, or dataset directory.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "tokenizer: where datasets are found "
+                                "(default $VISTAX_DATA_DIR or ~/.cache/vistax/datasets).")
+_FIELD = flags.DEFINE_string("field", "caption", "tokenizer: text feature to train on ('a/b' "
+                             "when nested; every caption of a list).")
+_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", None, "tokenizer: vocabulary size (an upper "
+                                   "bound: a small corpus may support fewer pieces).")
+_MODEL_TYPE = flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram", "char", "word"],
+                                "tokenizer: SentencePiece model type (unigram stops short of "
+                                "--vocab_size on small corpora).")
+_NORMALIZATION = flags.DEFINE_enum(
+    "normalization", "nmt_nfkc", ["nmt_nfkc", "nfkc", "nmt_nfkc_cf", "nfkc_cf", "identity"],
+    "tokenizer: SentencePiece normalization (the _cf rules also lowercase).")
+_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", None, "tokenizer: read at most this many "
+                                     "records (a fixed random subset) of the split.")
+_OUT = flags.DEFINE_string("out", None, "tokenizer: model file to write (never overwritten).")
 
 
 def _usage() -> str:
     lines = ["usage: vistax <command> [flags]", "", "commands:"]
-    lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
+    width = max(len(name) for name in COMMANDS)
+    lines += [f"  {name:<{width}} {text}" for name, text in COMMANDS.items()]
     lines += ["", "`vistax <command> --helpfull` lists the flags."]
     return "\n".join(lines)
 
@@ -115,6 +137,9 @@ def _run(command: str, argv) -> None:
                                  overwrite=_OVERWRITE.value)
         print(report.summary())
         return
+    if command == "tokenizer":
+        _train_tokenizer()
+        return
     _require(("config", _CONFIG.value), ("workdir", _WORKDIR.value))
     _initialize_distributed()
     from vistax.train import loop
@@ -124,6 +149,27 @@ def _run(command: str, argv) -> None:
         results = loop.evaluate(_CONFIG.value, _WORKDIR.value, step=_STEP.value)
         for name, value in sorted(results.items()):
             print(f"{name} = {value:.6g}")
+
+
+def _train_tokenizer() -> None:
+    from vistax.data import tokenizers
+    _require(("dataset", _DATASET.value), ("vocab_size", _VOCAB_SIZE.value), ("out", _OUT.value))
+    out = os.path.abspath(os.path.expanduser(_OUT.value))
+    if os.path.lexists(out):  # before reading any data
+        raise app.UsageError(f"--out={out} exists; refusing to overwrite it (remove it or choose "
+                             "another path)")
+    texts = tokenizers.dataset_texts(_DATASET.value, _SPLIT.value, _FIELD.value,
+                                     data_dir=_DATA_DIR.value, max_examples=_MAX_EXAMPLES.value)
+    try:
+        tok, count = tokenizers.train_sentencepiece(
+            texts, out, _VOCAB_SIZE.value, model_type=_MODEL_TYPE.value,
+            normalization=_NORMALIZATION.value)
+    except FileExistsError as e:
+        raise app.UsageError(str(e)) from None
+    print(f"wrote {out}: SentencePiece {_MODEL_TYPE.value}, vocab_size {tok.vocab_size} "
+          f"(asked {_VOCAB_SIZE.value}), pad {tok.pad_id}, eos {tok.eos_id}, trained on {count} "
+          f"texts of {_DATASET.value} {_SPLIT.value} {_FIELD.value!r}; use it as "
+          f"tokenizer 'sentencepiece:{out}'")
 
 
 def main() -> None:

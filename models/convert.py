@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 from flax import nnx
 
+from vistax.models.two_towers import TwoTowersConfig
 from vistax.models.vit import ViTConfig
 
 
@@ -119,3 +120,287 @@ def _stack(trees: list[dict]) -> dict:
     if isinstance(first, dict):
         return {key: _stack([t[key] for t in trees]) for key in first}
     return np.stack(trees)
+
+
+# -- CLIP ------------------------------------------------------------------------------------
+#
+# Both CLIP layouts hold the same network (Radford et al. 2021): a ViT with a bias-free patch
+# convolution, a class token, ln_pre and ln_post; a causal text transformer pooled at the
+# end-of-text token after ln_final; bias-free projections; `logit_scale` = log temperature.
+# PyTorch Linear weights are (out, in), our kernels (in, out); attention heads split the
+# projected width head-major, as ours do. Nothing in the weights tells the number of heads (HF:
+# num_attention_heads; open_clip: width / head_width, 64 by default), the activation (QuickGELU
+# for OpenAI's models and HF's default `hidden_act`, exact GELU for open_clip's non-`-quickgelu`
+# configs) nor the LayerNorm eps (1e-5 in both): the model config has to say them.
+
+# Buffers and metadata that are no weights: HF's position ids, open_clip's causal mask, the
+# hyper-parameters OpenAI's own files carry.
+_CLIP_IGNORED = re.compile(
+    r"(.*\.)?(position_ids|attn_mask)|input_resolution|context_length|vocab_size")
+
+
+class _Weights:
+    """A state dict read key by key: each key's shape checked against the config, and the keys
+    used recorded so that weights of a part our model lacks are an error, not silently lost."""
+
+    def __init__(self, sd: Mapping[str, np.ndarray], source: str):
+        self.sd, self.source, self.used = sd, source, set()
+
+    def __call__(self, key: str, shape: tuple[int, ...] | None, what: str = "") -> np.ndarray:
+        if key not in self.sd:
+            raise ValueError(f"{self.source} weight {key!r} not found; the file has e.g. "
+                             f"{sorted(self.sd)[:6]}.")
+        value = np.asarray(self.sd[key], np.float32)
+        if shape is not None and value.shape != tuple(shape):
+            raise ValueError(f"{self.source} weight {key!r} has shape {value.shape}, the model "
+                             f"config expects {tuple(shape)}" + (f" ({what})." if what else "."))
+        self.used.add(key)
+        return value
+
+    def has(self, key: str) -> bool:
+        return key in self.sd
+
+    def check_all_used(self) -> None:
+        unused = sorted(k for k in self.sd if k not in self.used and not _CLIP_IGNORED.fullmatch(k))
+        if unused:
+            raise ValueError(f"{self.source} weights our model has no place for: {unused[:8]}"
+                             f"{' ...' if len(unused) > 8 else ''}; the checkpoint's architecture "
+                             "differs from the model config (e.g. more layers, layer scale, a "
+                             "logit bias, projection biases).")
+
+
+def _check_clip_config(cfg: TwoTowersConfig) -> None:
+    """CLIP's architecture choices our configs can vary; a mismatch would load and be wrong."""
+    wanted = (("model.image.pool", cfg.image.pool, "cls"),
+              ("model.image.posemb", cfg.image.posemb, "learn"),
+              ("model.image.num_registers", cfg.image.num_registers, 0),
+              ("model.image.representation_size", cfg.image.representation_size, 0),
+              ("model.image.patch_bias", cfg.image.patch_bias, False),
+              ("model.image.qkv_bias", cfg.image.qkv_bias, True),
+              ("model.text.causal", cfg.text.causal, True),
+              ("model.text.pool", cfg.text.pool, "eos"),
+              ("model.text.qkv_bias", cfg.text.qkv_bias, True),
+              ("model.proj_bias", cfg.proj_bias, False))
+    wrong = [f"{key}={got!r} (CLIP: {want!r})" for key, got, want in wanted if got != want]
+    if wrong:
+        raise ValueError(f"CLIP weights need a CLIP-shaped model config: {', '.join(wrong)}.")
+
+
+def _clip_block(w: _Weights, p: str, tower, names: dict, where: str) -> dict:
+    """One pre-LN block from PyTorch layout; `names` maps our parts to the source's names."""
+    d, h, m = tower.width, tower.num_heads, tower.mlp_dim
+    k = d // h
+    what = f"{where}.width={d}, mlp_dim={m}"
+
+    def linear(name, n_out, n_in):
+        return w(f"{p}{name}.weight", (n_out, n_in), what), w(f"{p}{name}.bias", (n_out,), what)
+
+    def norm(name):
+        return {"scale": w(f"{p}{name}.weight", (d,), what),
+                "bias": w(f"{p}{name}.bias", (d,), what)}
+
+    if "qkv" in names:  # nn.MultiheadAttention: q, k, v stacked in one (3d, d) projection
+        qkv_w = w(f"{p}{names['qkv']}_weight", (3 * d, d), what)
+        qkv_b = w(f"{p}{names['qkv']}_bias", (3 * d,), what)
+        qkv = [(qkv_w[i * d:(i + 1) * d], qkv_b[i * d:(i + 1) * d]) for i in range(3)]
+    else:
+        qkv = [linear(names[part], d, d) for part in ("query", "key", "value")]
+    attn = {part: {"kernel": wt.T.reshape(d, h, k), "bias": b.reshape(h, k)}
+            for part, (wt, b) in zip(("query", "key", "value"), qkv)}
+    wo, bo = linear(names["out"], d, d)
+    attn["out"] = {"kernel": wo.T.reshape(h, k, d), "bias": bo}
+    (w1, b1), (w2, b2) = linear(names["fc1"], m, d), linear(names["fc2"], d, m)
+    return {"norm1": norm(names["norm1"]), "norm2": norm(names["norm2"]), "attn": attn,
+            "mlp": {"fc1": {"kernel": w1.T, "bias": b1}, "fc2": {"kernel": w2.T, "bias": b2}}}
+
+
+def _clip_blocks(w: _Weights, prefix: str, tower, names: dict, where: str) -> dict:
+    """The stacked blocks of one tower; the checkpoint must have exactly `depth` of them."""
+    found = {int(m.group(1)) for key in w.sd
+             if (m := re.match(re.escape(prefix) + r"(\d+)\.", key))}
+    if found != set(range(tower.depth)):
+        raise ValueError(f"{w.source} weights {prefix}<i>.* hold {len(found)} layers, "
+                         f"{where}.depth={tower.depth}.")
+    return _stack([_clip_block(w, f"{prefix}{i}.", tower, names, where)
+                   for i in range(tower.depth)])
+
+
+def _clip_patch_embed(w: _Weights, key: str, vcfg: ViTConfig) -> np.ndarray:
+    p, c, d = vcfg.patch_size, vcfg.channels, vcfg.width
+    kernel = w(key, (d, c, p, p), f"model.image.width={d}, channels={c}, patch_size={p}")
+    return kernel.transpose(2, 3, 1, 0)  # conv (D, C, p, p) -> ours over NHWC patches (p, p, C, D)
+
+
+def _clip_vision_positions(w: _Weights, cls_key: str, pos_key: str, vcfg: ViTConfig) -> dict:
+    """CLIP adds position 0 to the class token: a constant, folded into our `cls_token`.
+
+    A checkpoint for another image size keeps its own patch grid here; init_from resamples it.
+    """
+    d = vcfg.width
+    cls = w(cls_key, (d,), f"model.image.width={d}")
+    pos = w(pos_key, None)
+    n = pos.shape[0] - 1 if pos.ndim == 2 else -1
+    if pos.ndim != 2 or pos.shape[1] != d or n < 1 or int(round(np.sqrt(n))) ** 2 != n:
+        expected = (vcfg.grid[0] * vcfg.grid[1] + 1, d)
+        raise ValueError(f"{w.source} weight {pos_key!r} has shape {pos.shape}, the model config "
+                         f"expects {expected} (class token + a square patch grid, width {d}).")
+    return {"cls_token": (cls + pos[0])[None, None], "pos_embedding": pos[None, 1:]}
+
+
+def _clip_text_positions(w: _Weights, key: str, tcfg) -> np.ndarray:
+    """Learned text positions; a longer table is cut to max_len (exact: later rows are unused)."""
+    pos = w(key, None)
+    if pos.ndim != 2 or pos.shape[1] != tcfg.width or pos.shape[0] < tcfg.max_len:
+        raise ValueError(f"{w.source} weight {key!r} has shape {pos.shape}, the model config "
+                         f"expects ({tcfg.max_len}, {tcfg.width}) (model.text.max_len may be "
+                         "at most the checkpoint's context length).")
+    return pos[:tcfg.max_len]
+
+
+def _clip_scalars(w: _Weights, cfg: TwoTowersConfig, bias_key: str | None) -> dict:
+    def scalar(key):  # open_clip's `nonscalar_logit_scale` stores shape (1,)
+        value = w(key, None)
+        if value.size != 1:
+            raise ValueError(f"{w.source} weight {key!r} has shape {value.shape}, the model "
+                             "expects a scalar.")
+        return value.reshape(())
+
+    out = {"log_temperature": scalar("logit_scale")}  # both store the log temperature
+    if cfg.bias_init is not None:
+        if bias_key is None or not w.has(bias_key):
+            raise ValueError(f"model.bias_init={cfg.bias_init} asks for a learned logit bias, "
+                             f"which these {w.source} weights lack; set model.bias_init=None.")
+        out["bias"] = scalar(bias_key)
+    return out
+
+
+_HF_CLIP_BLOCK = dict(norm1="layer_norm1", norm2="layer_norm2", query="self_attn.q_proj",
+                      key="self_attn.k_proj", value="self_attn.v_proj", out="self_attn.out_proj",
+                      fc1="mlp.fc1", fc2="mlp.fc2")
+_OPEN_CLIP_BLOCK = dict(norm1="ln_1", norm2="ln_2", qkv="attn.in_proj", out="attn.out_proj",
+                        fc1="mlp.c_fc", fc2="mlp.c_proj")
+
+
+def clip_from_hf(sd: Mapping[str, np.ndarray], cfg: TwoTowersConfig) -> dict:
+    """Hugging Face `CLIPModel` weights -> vistax TwoTowers params.
+
+    HF applies `post_layernorm` to the pooled class token only, we LayerNorm every token and
+    then take the class token: the same vector. The text tower pools at the first `eos_token_id`
+    like ours (HF configs from before transformers PR #24773 have eos_token_id=2 and pool at the
+    largest id instead, which is the same position for CLIP's tokenizer: eot 49407 is its
+    largest id). Set `model.image/text.activation` from the HF config's `hidden_act` (quick_gelu,
+    gelu = exact, gelu_pytorch_tanh / gelu_new = gelu_tanh) and layernorm_eps=1e-5.
+    """
+    _check_clip_config(cfg)
+    w = _Weights(_strip_module_prefix(sd), "Hugging Face CLIP")
+    v, t = cfg.image, cfg.text
+    image = {"patch_embed": {"kernel": _clip_patch_embed(
+                 w, "vision_model.embeddings.patch_embedding.weight", v)},
+             **_pre_norm(w, "vision_model.pre_layrnorm", v),
+             "encoder": {"blocks": _clip_blocks(w, "vision_model.encoder.layers.", v,
+                                                _HF_CLIP_BLOCK, "model.image"),
+                         "norm": _norm(w, "vision_model.post_layernorm", v.width)}}
+    image.update(_clip_vision_positions(w, "vision_model.embeddings.class_embedding",
+                                        "vision_model.embeddings.position_embedding.weight", v))
+    text = {"token_embedding": w("text_model.embeddings.token_embedding.weight",
+                                 (t.vocab_size, t.width),
+                                 f"model.text.vocab_size={t.vocab_size}, width={t.width}"),
+            "pos_embedding": _clip_text_positions(
+                w, "text_model.embeddings.position_embedding.weight", t),
+            "encoder": {"blocks": _clip_blocks(w, "text_model.encoder.layers.", t,
+                                               _HF_CLIP_BLOCK, "model.text"),
+                        "norm": _norm(w, "text_model.final_layer_norm", t.width)}}
+    e = cfg.embed_dim
+    params = {"image": image, "text": text,
+              "image_proj": {"kernel": w("visual_projection.weight", (e, v.width),
+                                         f"model.embed_dim={e}").T},
+              "text_proj": {"kernel": w("text_projection.weight", (e, t.width),
+                                        f"model.embed_dim={e}").T}}
+    params.update(_clip_scalars(w, cfg, None))
+    w.check_all_used()
+    return params
+
+
+def clip_from_open_clip(sd: Mapping[str, np.ndarray], cfg: TwoTowersConfig) -> dict:
+    """open_clip `CLIP` / OpenAI CLIP weights (ViT image tower) -> vistax TwoTowers params.
+
+    Also reads open_clip's `CustomTextCLIP` layout (text tower under `text.`), `no_ln_pre`
+    towers (model.image.pre_norm=False), a learned `logit_bias` (model.bias_init set) and a
+    DistributedDataParallel `module.` prefix. open_clip's `ViT-B-32` uses exact GELU
+    (model.image/text.activation='gelu'), OpenAI's weights and the `-quickgelu` configs
+    QuickGELU. OpenAI's original `.pt` files are TorchScript archives, which `weights_only`
+    loading refuses: save `model.state_dict()` from open_clip (or as .safetensors) instead.
+    """
+    _check_clip_config(cfg)
+    w = _Weights(_strip_module_prefix(sd), "open_clip CLIP")
+    v, t = cfg.image, cfg.text
+    image = {"patch_embed": {"kernel": _clip_patch_embed(w, "visual.conv1.weight", v)},
+             **_pre_norm(w, "visual.ln_pre", v),
+             "encoder": {"blocks": _clip_blocks(w, "visual.transformer.resblocks.", v,
+                                                _OPEN_CLIP_BLOCK, "model.image"),
+                         "norm": _norm(w, "visual.ln_post", v.width)}}
+    image.update(_clip_vision_positions(w, "visual.class_embedding", "visual.positional_embedding",
+                                        v))
+    tp = "text." if w.has("text.token_embedding.weight") else ""  # CustomTextCLIP
+    text = {"token_embedding": w(tp + "token_embedding.weight", (t.vocab_size, t.width),
+                                 f"model.text.vocab_size={t.vocab_size}, width={t.width}"),
+            "pos_embedding": _clip_text_positions(w, tp + "positional_embedding", t),
+            "encoder": {"blocks": _clip_blocks(w, tp + "transformer.resblocks.", t,
+                                               _OPEN_CLIP_BLOCK, "model.text"),
+                        "norm": _norm(w, tp + "ln_final", t.width)}}
+    e = cfg.embed_dim
+    what = f"model.embed_dim={e}"
+    if w.has(tp + "text_projection.weight"):  # nn.Linear (out, in)
+        text_kernel = w(tp + "text_projection.weight", (e, t.width), what).T
+    else:  # a (width, embed_dim) matrix, x @ proj
+        text_kernel = w(tp + "text_projection", (t.width, e), what)
+    params = {"image": image, "text": text,
+              "image_proj": {"kernel": w("visual.proj", (v.width, e), what)},
+              "text_proj": {"kernel": text_kernel}}
+    params.update(_clip_scalars(w, cfg, "logit_bias"))
+    w.check_all_used()
+    return params
+
+
+def _norm(w: _Weights, name: str, d: int) -> dict:
+    return {"scale": w(f"{name}.weight", (d,), f"width {d}"),
+            "bias": w(f"{name}.bias", (d,), f"width {d}")}
+
+
+def _pre_norm(w: _Weights, name: str, vcfg: ViTConfig) -> dict:
+    """CLIP's ln_pre (open_clip's `no_ln_pre` configs lack it): present iff model.image.pre_norm."""
+    if vcfg.pre_norm:
+        return {"pre_norm": _norm(w, name, vcfg.width)}
+    if w.has(f"{name}.weight"):
+        raise ValueError(f"{w.source} weights have {name} (CLIP's ln_pre); set "
+                         "model.image.pre_norm=True.")
+    return {}
+
+
+def _strip_module_prefix(sd: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    """A DistributedDataParallel checkpoint's `module.` prefix, as open_clip training saves."""
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def clip_format(sd: Mapping[str, np.ndarray]) -> str:
+    """'hf' or 'open_clip' from a state dict's key names; ValueError when it is neither."""
+    keys = set(_strip_module_prefix(sd))
+    if any(k.startswith(("vision_model.", "text_model.")) for k in keys):
+        return "hf"
+    if "visual.class_embedding" in keys:  # a ViT image tower (ResNets have visual.conv1 too)
+        return "open_clip"
+    hint = (" (an open_clip model whose image tower is not its own ViT, e.g. timm's or a "
+            "ResNet, which vistax cannot load)" if any(k.startswith("visual.") for k in keys)
+            else "")
+    raise ValueError("Unknown CLIP weight format: expected a Hugging Face CLIPModel (keys "
+                     "vision_model.*, text_model.*, visual_projection.weight) or an open_clip / "
+                     "OpenAI CLIP with a ViT (visual.class_embedding, visual.conv1.weight, "
+                     f"token_embedding.weight){hint}; the file has e.g. {sorted(keys)[:6]}.")
+
+
+def clip_from_state_dict(sd: Mapping[str, np.ndarray], cfg: TwoTowersConfig) -> dict:
+    """CLIP weights in either layout (see `clip_format`) -> vistax TwoTowers params."""
+    fmt = clip_format(sd)
+    return clip_from_hf(sd, cfg) if fmt == "hf" else clip_from_open_clip(sd, cfg)

@@ -102,19 +102,38 @@ def drop_path(x: jax.Array, rate: jax.Array | float, rng: jax.Array | None) -> j
     return jnp.where(keep, x / keep_prob.astype(x.dtype), 0).astype(x.dtype)
 
 
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP models were trained with."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# Exact GELU (ViT, open_clip's default), its tanh approximation (big_vision's default), QuickGELU.
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+}
+
+
+def check_activation(name: str, key: str = "model.activation") -> None:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"{key}={name!r} is not one of {sorted(ACTIVATIONS)}.")
+
+
 class MLP(nnx.Module):
-    """Transformer feed-forward block: Dense -> GELU -> dropout -> Dense."""
+    """Transformer feed-forward block: Dense -> activation -> dropout -> Dense."""
 
     def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dropout_rate: float = 0.0,
-                 gelu_approximate: bool = False, dtype=jnp.float32, param_dtype=jnp.float32):
+                 activation: str = "gelu", dtype=jnp.float32, param_dtype=jnp.float32):
+        check_activation(activation)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.fc1 = Dense(dim, hidden, ("embed", "mlp"), **kw)
         self.fc2 = Dense(hidden, dim, ("mlp", "embed"), **kw)
         self.dropout_rate = dropout_rate
-        self.gelu_approximate = gelu_approximate
+        self.activation = activation
 
     def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-        h = jax.nn.gelu(self.fc1(x), approximate=self.gelu_approximate)
+        h = ACTIVATIONS[self.activation](self.fc1(x))
         h = constrain(h, ("batch", "length", "act_mlp"))
         h = dropout(h, self.dropout_rate, rng)
         return self.fc2(h)
@@ -138,14 +157,19 @@ class MultiHeadAttention(nnx.Module):
         self.out = Dense((num_heads, head_dim), dim, ("heads", "kv", "embed"), rngs=rngs,
                          dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, x: jax.Array, kv: jax.Array | None = None) -> jax.Array:
-        """Self-attention over `x`, or cross-attention from `x` to `kv`."""
+    def __call__(self, x: jax.Array, kv: jax.Array | None = None, *,
+                 mask: jax.Array | None = None, is_causal: bool = False) -> jax.Array:
+        """Self-attention over `x`, or cross-attention from `x` to `kv`.
+
+        `mask`: boolean, broadcastable to (B, heads, T, S), True where attention is allowed.
+        `is_causal`: each query attends to keys at its position and before.
+        """
         kv = x if kv is None else kv
         heads = ("batch", "length", "act_heads", None)
         q = constrain(self.query(x), heads)
         k = constrain(self.key(kv), heads)
         v = constrain(self.value(kv), heads)
-        y = jax.nn.dot_product_attention(q, k, v)
+        y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
         return self.out(constrain(y, heads))
 
 
@@ -156,13 +180,13 @@ class MAPHead(nnx.Module):
     """
 
     def __init__(self, dim: int, mlp_dim: int, num_heads: int, *, rngs: nnx.Rngs, eps: float,
-                 gelu_approximate: bool = False, dtype=jnp.float32, param_dtype=jnp.float32):
+                 activation: str = "gelu", dtype=jnp.float32, param_dtype=jnp.float32):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.probe = param(rngs, jax.nn.initializers.xavier_uniform(), (1, 1, dim),
                            (None, None, "embed"), param_dtype)
         self.attn = MultiHeadAttention(dim, num_heads, **kw)
         self.norm = LayerNorm(dim, eps=eps, **kw)
-        self.mlp = MLP(dim, mlp_dim, gelu_approximate=gelu_approximate, **kw)
+        self.mlp = MLP(dim, mlp_dim, activation=activation, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         probe = jnp.broadcast_to(self.probe[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from vistax.models import layers
+from vistax.models.transformer import DTYPES, REMAT_POLICIES, Encoder
 
 # name: (width, depth, mlp_dim, num_heads). Ti/S/B/L/H: ViT and DeiT papers; mu/M/g/So400m:
 # "Scaling Vision Transformers" (Zhai et al. 2022) and SigLIP's shape-optimised So400m.
@@ -35,13 +36,7 @@ VARIANTS = {
 
 POOLS = ("cls", "gap", "map", "none")
 POSEMBS = ("learn", "sincos2d")
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
 
 
 def decode_variant(variant: str) -> dict:
@@ -77,7 +72,9 @@ class ViTConfig:
     head_zero_init: bool = True  # big_vision: a zero head starts at uniform predictions
     layernorm_eps: float = 1e-6
     qkv_bias: bool = True
-    gelu_approximate: bool = False
+    activation: str = "gelu"  # gelu | gelu_tanh | quick_gelu (OpenAI CLIP)
+    patch_bias: bool = True  # CLIP's patch embedding has no bias
+    pre_norm: bool = False  # LayerNorm on the embedded tokens before the blocks (CLIP's ln_pre)
     scan: bool = True
     remat: str = "none"
     dtype: str = "float32"
@@ -95,6 +92,7 @@ class ViTConfig:
                              f"size {self.patch_size}.")
         if self.width % self.num_heads:
             raise ValueError(f"ViT width {self.width} is not divisible by num_heads={self.num_heads}.")
+        layers.check_activation(self.activation)
         if not 0.0 <= self.drop_path < 1.0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.drop_path={self.drop_path} and model.dropout={self.dropout} "
                              "must lie in [0, 1).")
@@ -123,70 +121,6 @@ class ViTConfig:
         return (self.image_size // self.patch_size,) * 2
 
 
-class Block(nnx.Module):
-    """Pre-LN transformer encoder block with stochastic depth on both residual branches."""
-
-    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
-        kw = dict(rngs=rngs, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype])
-        self.norm1 = layers.LayerNorm(cfg.width, eps=cfg.layernorm_eps, **kw)
-        self.attn = layers.MultiHeadAttention(cfg.width, cfg.num_heads, qkv_bias=cfg.qkv_bias, **kw)
-        self.norm2 = layers.LayerNorm(cfg.width, eps=cfg.layernorm_eps, **kw)
-        self.mlp = layers.MLP(cfg.width, cfg.mlp_dim, dropout_rate=cfg.dropout,
-                              gelu_approximate=cfg.gelu_approximate, **kw)
-        self.dropout_rate = cfg.dropout
-
-    def __call__(self, x: jax.Array, drop_path_rate: jax.Array, rng: jax.Array | None) -> jax.Array:
-        keys = jax.random.split(rng, 5) if rng is not None else [None] * 5
-        y = self.attn(self.norm1(x))
-        y = layers.dropout(y, self.dropout_rate, keys[0])
-        x = x + layers.drop_path(y, drop_path_rate, keys[1])
-        x = layers.constrain(x, ("batch", "length", "act_embed"))
-        y = self.mlp(self.norm2(x), keys[2])
-        y = layers.dropout(y, self.dropout_rate, keys[3])
-        x = x + layers.drop_path(y, drop_path_rate, keys[4])
-        return layers.constrain(x, ("batch", "length", "act_embed"))
-
-
-class Encoder(nnx.Module):
-    """`depth` blocks whose parameters are stacked on a leading `layers` axis, then a final LN."""
-
-    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
-        @nnx.split_rngs(splits=cfg.depth)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rngs=rngs)
-
-        self.blocks = make_blocks(rngs)
-        self.norm = layers.LayerNorm(cfg.width, eps=cfg.layernorm_eps, rngs=rngs,
-                                     dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype])
-        self.depth = cfg.depth
-        self.scan = cfg.scan
-        self.remat = cfg.remat
-        # Linear stochastic-depth schedule: 0 at the first block, drop_path at the last (DeiT).
-        self.drop_path_rates = tuple(np.linspace(0.0, cfg.drop_path, cfg.depth).tolist())
-
-    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-        graphdef, stacked = nnx.split(self.blocks)
-        rates = jnp.asarray(self.drop_path_rates, jnp.float32)
-
-        def apply_block(h, block_state, rate, key):
-            return nnx.merge(graphdef, block_state)(h, rate, key)
-
-        if self.remat != "none":
-            apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[self.remat])
-        keys = jax.random.split(rng, self.depth) if rng is not None else None
-        if self.scan:
-            def body(h, xs):
-                block_state, rate, key = xs
-                return apply_block(h, block_state, rate, key), None
-            x, _ = jax.lax.scan(body, x, (stacked, rates, keys))
-        else:
-            for i in range(self.depth):
-                block_state = jax.tree.map(lambda p, i=i: p[i], stacked)
-                x = apply_block(x, block_state, rates[i], None if keys is None else keys[i])
-        return self.norm(x)
-
-
 class ViT(nnx.Module):
     """ViT: patchify -> [cls] + [registers] + patches (+ pos) -> encoder -> pool -> head."""
 
@@ -197,7 +131,7 @@ class ViT(nnx.Module):
         # Patch embedding = a stride-p convolution, written as a Dense over flattened patches.
         self.patch_embed = layers.Dense(
             (p, p, cfg.channels), d, (None, None, None, "embed"), rngs=rngs, dtype=dtype,
-            param_dtype=param_dtype,
+            param_dtype=param_dtype, use_bias=cfg.patch_bias,
             kernel_init=jax.nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3))
         n_patches = cfg.grid[0] * cfg.grid[1]
         if cfg.posemb == "learn":  # std 1/sqrt(width), as big_vision
@@ -214,9 +148,11 @@ class ViT(nnx.Module):
                                        (1, cfg.num_registers, d), (None, None, "embed"),
                                        param_dtype)
                           if cfg.num_registers else None)
+        self.pre_norm = (layers.LayerNorm(d, eps=cfg.layernorm_eps, rngs=rngs, dtype=dtype,
+                                          param_dtype=param_dtype) if cfg.pre_norm else None)
         self.encoder = Encoder(cfg, rngs=rngs)
         self.map_head = (layers.MAPHead(d, cfg.mlp_dim, cfg.num_heads, rngs=rngs,
-                                        eps=cfg.layernorm_eps, gelu_approximate=cfg.gelu_approximate,
+                                        eps=cfg.layernorm_eps, activation=cfg.activation,
                                         dtype=dtype, param_dtype=param_dtype)
                          if cfg.pool == "map" else None)
         rep = cfg.representation_size
@@ -275,6 +211,8 @@ class ViT(nnx.Module):
         x = jnp.concatenate(prefix + [x], axis=1) if prefix else x
         keys = jax.random.split(rng, 2) if rng is not None else (None, None)
         x = layers.dropout(x, cfg.dropout, keys[0])
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
         encoded = self.encoder(x, keys[1])
         out["encoded"] = encoded
         out["patch_tokens"] = encoded[:, self.num_prefix_tokens:]

@@ -50,3 +50,56 @@ def small_vit_config(data_dir):
         return c
 
     return make
+
+
+# open_clip's wheel: its tokenizer, BPE vocabulary and model code are references for parity
+# tests. Pinned here (it is not installed, only unpacked), fetched once into the test cache.
+OPEN_CLIP_VERSION = "3.3.0"
+
+
+def _test_cache_dir() -> str:
+    """$VISTAX_TEST_CACHE if set, else ~/.cache/vistax-tests."""
+    return os.path.abspath(os.path.expanduser(
+        os.environ.get("VISTAX_TEST_CACHE") or "~/.cache/vistax-tests"))
+
+
+@pytest.fixture(scope="session")
+def open_clip_package_dir() -> str:
+    """Directory holding the `open_clip/` package of the open-clip-torch wheel (unpacked, not
+    installed: its __init__ imports torchvision; load single modules from it by path, or put the
+    directory on sys.path). Fetched with `pip download --no-deps` into the test cache and reused;
+    the test fails (does not skip) when the download fails, since CI reaches PyPI."""
+    import fcntl
+    import glob
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    cache = _test_cache_dir()
+    target = os.path.join(cache, f"open_clip_torch-{OPEN_CLIP_VERSION}")
+    if os.path.isfile(os.path.join(target, "open_clip", "tokenizer.py")):
+        return target
+    os.makedirs(cache, exist_ok=True)
+    with open(os.path.join(cache, ".open_clip.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # pytest-xdist workers fetch it once between them
+        if os.path.isfile(os.path.join(target, "open_clip", "tokenizer.py")):
+            return target
+        wheels = os.path.join(cache, "wheels")
+        pattern = os.path.join(wheels, f"open_clip_torch-{OPEN_CLIP_VERSION}-*.whl")
+        if not glob.glob(pattern):
+            result = subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                 f"open-clip-torch=={OPEN_CLIP_VERSION}", "-d", wheels],
+                capture_output=True, text=True, timeout=600)
+            if result.returncode != 0 or not glob.glob(pattern):
+                pytest.fail(f"pip download open-clip-torch=={OPEN_CLIP_VERSION} failed (exit "
+                            f"{result.returncode}):\n{result.stdout[-2000:]}\n"
+                            f"{result.stderr[-2000:]}")
+        partial = f"{target}.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        with zipfile.ZipFile(sorted(glob.glob(pattern))[-1]) as wheel:
+            wheel.extractall(partial)
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete earlier unpacking
+        os.replace(partial, target)
+    return target

@@ -107,10 +107,18 @@ def batch_spec(key: str, example: dict, batch_size: int, batch_sharding) -> dict
 
 
 class CompiledEval:
-    """An evaluator's function of (model, extra, batch), jitted for the experiment's mesh."""
+    """An evaluator's function of (model, extra, batch), jitted for the experiment's mesh.
 
-    def __init__(self, exp: "Experiment", fn):
+    outputs="host": fn returns small replicated arrays (sums, counts), returned as numpy.
+    outputs="device": fn returns per-example arrays (leading batch dimension), which stay on
+    device as global jax.Arrays sharded like the batch (see evals.EvalContext).
+    """
+
+    def __init__(self, exp: "Experiment", fn, outputs: str = "host"):
+        if outputs not in ("host", "device"):
+            raise ValueError(f"outputs={outputs!r} is not 'host' or 'device'.")
         self._exp = exp
+        self._on_device = outputs == "device"
 
         def apply(params, model_state, extra, batch):
             return fn(nnx.merge(exp.graphdef, params, model_state), extra, batch)
@@ -118,22 +126,25 @@ class CompiledEval:
         sh = exp.state_shardings
         self._jitted = jax.jit(apply, in_shardings=(sh["params"], sh["model_state"], sh["extra"],
                                                     exp.batch_sharding),
-                               out_shardings=exp.replicated)
+                               out_shardings=exp.batch_sharding if self._on_device
+                               else exp.replicated)
 
     def __call__(self, state: dict, batch: dict):
-        """Runs on a global batch; returns the (replicated) outputs as numpy."""
+        """Runs on a global batch; returns the outputs as numpy, or as device arrays."""
         with self._exp.context():
             out = self._jitted(state["params"], state["model_state"], state["extra"], batch)
-        return evals.base.to_host(out)
+        return out if self._on_device else evals.base.to_host(out)
 
-    def check(self, key: str, example: dict, batch_size: int) -> None:
-        """Traces on abstract batches shaped like `example`; errors name config key `key`."""
+    def check(self, key: str, example: dict, batch_size: int):
+        """Traces on abstract batches shaped like `example`; errors name config key `key`.
+
+        Returns the abstract outputs (jax.ShapeDtypeStructs)."""
         abstract = self._exp.abstract_state
         spec = batch_spec(key, example, batch_size, self._exp.batch_sharding)
         try:
             with self._exp.context():
-                jax.eval_shape(self._jitted, abstract["params"], abstract["model_state"],
-                               abstract["extra"], spec)
+                return jax.eval_shape(self._jitted, abstract["params"], abstract["model_state"],
+                                      abstract["extra"], spec)
         except Exception as e:  # any tracing failure: say which pp produced the batch
             raise ValueError(f"{key}: batches {_shapes(spec)} do not fit the model: "
                              f"{type(e).__name__}: {e}") from e
@@ -182,11 +193,12 @@ class Experiment:
                              out_shardings=(self.state_shardings, self.replicated),
                              donate_argnums=0)
         self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
-        context = evals.EvalContext(
-            compile=lambda fn: CompiledEval(self, fn), encoders=self.objective.encoders(),
-            global_batch=self.global_batch, data_dir=inp.data_dir,
-            process_index=jax.process_index(), process_count=jax.process_count())
-        self.evaluators = {name: evals.get(name, cfg.type)(name, cfg, context)
+        self.eval_context = evals.EvalContext(
+            compile=lambda fn, **kw: CompiledEval(self, fn, **kw),
+            encoders=self.objective.encoders(), global_batch=self.global_batch,
+            data_dir=inp.data_dir, process_index=jax.process_index(),
+            process_count=jax.process_count(), batch_sharding=self.batch_sharding)
+        self.evaluators = {name: evals.get(name, cfg.type)(name, cfg, self.eval_context)
                            for name, cfg in config.evals.items()}
         self._preflight()
 

@@ -109,8 +109,14 @@ def tree_shardings(abstract_tree, mesh: Mesh, rules: Sequence[tuple[str, object]
     is an error naming the array, rather than a silent replication.
     """
     rules = tuple(rules_dict(rules).items())
+
+    def spec(x):
+        # A Variable holding no array (optax.MaskedNode: the state of a frozen parameter) keeps
+        # its empty structure, so the result has exactly the leaves of `abstract_tree`.
+        return nnx.get_partition_spec(x) if jax.tree.leaves(x) else x
+
     with nnx.logical_axis_rules(rules):
-        specs = nnx.get_partition_spec(abstract_tree)
+        specs = jax.tree.map(spec, abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
     flat_specs = jax.tree_util.tree_flatten_with_path(specs)[0]
     flat_shapes = jax.tree.leaves(abstract_tree)
     for (path, spec), leaf in zip(flat_specs, flat_shapes):

@@ -2,9 +2,11 @@
 
 from vistax.train.objectives.base import Objective
 from vistax.train.objectives.classification import Classification
+from vistax.train.objectives.contrastive import Contrastive
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "classification": Classification,
+    "contrastive": Contrastive,
 }
 
 

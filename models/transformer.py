@@ -1,0 +1,110 @@
+"""The pre-LN transformer encoder every tower shares (ViT, text, decoders).
+
+Block parameters are stacked along a leading `layers` axis, so the same checkpoint runs
+unrolled or under `jax.lax.scan` (`scan=True`: compile time independent of depth), with
+optional remat. Configs are duck-typed: any dataclass with the fields `Block` reads.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vistax.models import layers
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class Block(nnx.Module):
+    """Pre-LN transformer block: self-attention, optional cross-attention (decoders), MLP.
+
+    Stochastic depth and dropout act on every residual branch.
+    """
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs, cross_attention: bool = False):
+        kw = dict(rngs=rngs, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype])
+        self.norm1 = layers.LayerNorm(cfg.width, eps=cfg.layernorm_eps, **kw)
+        self.attn = layers.MultiHeadAttention(cfg.width, cfg.num_heads, qkv_bias=cfg.qkv_bias, **kw)
+        if cross_attention:
+            self.norm_cross = layers.LayerNorm(cfg.width, eps=cfg.layernorm_eps, **kw)
+            self.cross_attn = layers.MultiHeadAttention(cfg.width, cfg.num_heads,
+                                                        qkv_bias=cfg.qkv_bias, **kw)
+        else:
+            self.norm_cross = self.cross_attn = None
+        self.norm2 = layers.LayerNorm(cfg.width, eps=cfg.layernorm_eps, **kw)
+        self.mlp = layers.MLP(cfg.width, cfg.mlp_dim, dropout_rate=cfg.dropout,
+                              activation=cfg.activation, **kw)
+        self.dropout_rate = cfg.dropout
+
+    def _residual(self, x, y, drop_path_rate, keys):
+        y = layers.dropout(y, self.dropout_rate, keys[0])
+        x = x + layers.drop_path(y, drop_path_rate, keys[1])
+        return layers.constrain(x, ("batch", "length", "act_embed"))
+
+    def __call__(self, x: jax.Array, drop_path_rate: jax.Array, rng: jax.Array | None, *,
+                 mask: jax.Array | None = None, is_causal: bool = False,
+                 context: jax.Array | None = None) -> jax.Array:
+        keys = jax.random.split(rng, 7) if rng is not None else [None] * 7
+        y = self.attn(self.norm1(x), mask=mask, is_causal=is_causal)
+        x = self._residual(x, y, drop_path_rate, keys[0:2])
+        if self.cross_attn is not None:
+            y = self.cross_attn(self.norm_cross(x), context)
+            x = self._residual(x, y, drop_path_rate, keys[2:4])
+        y = self.mlp(self.norm2(x), keys[4])
+        return self._residual(x, y, drop_path_rate, keys[5:7])
+
+
+class Encoder(nnx.Module):
+    """`depth` blocks whose parameters are stacked on a leading `layers` axis, then a final LN
+    (`final_norm=False` leaves it out, for a stack another stack continues)."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs, depth: int | None = None,
+                 cross_attention: bool = False, final_norm: bool = True):
+        depth = cfg.depth if depth is None else depth
+
+        @nnx.split_rngs(splits=depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs=rngs, cross_attention=cross_attention)
+
+        self.blocks = make_blocks(rngs)
+        self.norm = (layers.LayerNorm(cfg.width, eps=cfg.layernorm_eps, rngs=rngs,
+                                      dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype])
+                     if final_norm else None)
+        self.depth = depth
+        self.scan = cfg.scan
+        self.remat = cfg.remat
+        # Linear stochastic-depth schedule: 0 at the first block, drop_path at the last (DeiT).
+        self.drop_path_rates = tuple(np.linspace(0.0, cfg.drop_path, depth).tolist())
+
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None, *,
+                 mask: jax.Array | None = None, is_causal: bool = False,
+                 context: jax.Array | None = None) -> jax.Array:
+        graphdef, stacked = nnx.split(self.blocks)
+        rates = jnp.asarray(self.drop_path_rates, jnp.float32)
+
+        def apply_block(h, block_state, rate, key):
+            return nnx.merge(graphdef, block_state)(h, rate, key, mask=mask, is_causal=is_causal,
+                                                    context=context)
+
+        if self.remat != "none":
+            apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[self.remat])
+        keys = jax.random.split(rng, self.depth) if rng is not None else None
+        if self.scan:
+            def body(h, xs):
+                block_state, rate, key = xs
+                return apply_block(h, block_state, rate, key), None
+            x, _ = jax.lax.scan(body, x, (stacked, rates, keys))
+        else:
+            for i in range(self.depth):
+                block_state = jax.tree.map(lambda p, i=i: p[i], stacked)
+                x = apply_block(x, block_state, rates[i], None if keys is None else keys[i])
+        return x if self.norm is None else self.norm(x)
