@@ -15,8 +15,6 @@ Presets:
 Options: see configs/image_text.py.
 """
 
-import math
-
 from vistax.configs import image_text
 from vistax.models import two_towers, vit
 

@@ -5,6 +5,8 @@ from vistax.evals.classification import ClassificationEvaluator
 from vistax.evals.retrieval import RetrievalEvaluator
 from vistax.evals.zero_shot import ZeroShotEvaluator
 
+__all__ = ["DEFAULT_EVERY", "EVALUATORS", "EvalContext", "Evaluator", "get"]
+
 EVALUATORS: dict[str, type[Evaluator]] = {
     "classification": ClassificationEvaluator,
     "zero_shot": ZeroShotEvaluator,
