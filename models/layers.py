@@ -146,14 +146,16 @@ class MultiHeadAttention(nnx.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, qkv_bias: bool = True,
-                 dtype=jnp.float32, param_dtype=jnp.float32):
+                 kv_dim: int | None = None, dtype=jnp.float32, param_dtype=jnp.float32):
+        """`kv_dim`: width of the tokens attended to in cross-attention (default `dim`)."""
         if dim % num_heads:
             raise ValueError(f"Attention width {dim} is not divisible by num_heads={num_heads}.")
         head_dim = dim // num_heads
+        kv_dim = dim if kv_dim is None else kv_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=qkv_bias)
         self.query = Dense(dim, (num_heads, head_dim), ("embed", "heads", "kv"), **kw)
-        self.key = Dense(dim, (num_heads, head_dim), ("embed", "heads", "kv"), **kw)
-        self.value = Dense(dim, (num_heads, head_dim), ("embed", "heads", "kv"), **kw)
+        self.key = Dense(kv_dim, (num_heads, head_dim), ("embed", "heads", "kv"), **kw)
+        self.value = Dense(kv_dim, (num_heads, head_dim), ("embed", "heads", "kv"), **kw)
         self.out = Dense((num_heads, head_dim), dim, ("heads", "kv", "embed"), rngs=rngs,
                          dtype=dtype, param_dtype=param_dtype)
 
@@ -193,6 +195,26 @@ class MAPHead(nnx.Module):
         y = self.attn(probe, x)
         y = y + self.mlp(self.norm(y))
         return y[:, 0]
+
+
+class AttentionalPooler(nnx.Module):
+    """`num_queries` learned queries attend over LayerNormed tokens: (B, T, kv_dim) ->
+    (B, num_queries, dim) (CoCa's attentional pooler, Yu et al. 2022, Sec. 3.2: a single
+    multi-head attention layer; 1 query for the contrastive embedding, 256 for captioning)."""
+
+    def __init__(self, dim: int, kv_dim: int, num_queries: int, num_heads: int, *,
+                 rngs: nnx.Rngs, eps: float, dtype=jnp.float32, param_dtype=jnp.float32):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.queries = param(rngs, jax.nn.initializers.normal(dim ** -0.5),
+                             (num_queries, dim), (None, "embed"), param_dtype)
+        self.norm_queries = LayerNorm(dim, eps=eps, **kw)
+        self.norm_tokens = LayerNorm(kv_dim, eps=eps, **kw)
+        self.attn = MultiHeadAttention(dim, num_heads, kv_dim=kv_dim, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        queries = self.norm_queries(self.queries[...].astype(x.dtype))
+        queries = jnp.broadcast_to(queries, (x.shape[0],) + queries.shape)
+        return self.attn(queries, self.norm_tokens(x))
 
 
 def sincos_posemb_2d(height: int, width: int, dim: int, temperature: float = 10_000.0) -> np.ndarray:

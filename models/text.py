@@ -3,8 +3,11 @@
 CLIP (Radford et al. 2021, Sec. 2.4): a causally masked transformer over BPE tokens framed by
 start/end-of-text; the representation is the final-LayerNorm output at the end-of-text token.
 Bidirectional towers (LiT, SigLIP's big_vision text tower) attend to every valid token and pool
-by mean over valid tokens or take the first token. Valid tokens are those up to and including
-the first `eos_id`, so the padding id may coincide with a real token (CLIP pads with 0 = "!").
+by mean over valid tokens or take the first token. CoCa's unimodal decoder (Yu et al. 2022,
+Sec. 3.2) appends a learned [CLS] token after the text and pools its output (`pool='cls'`,
+causal or not; the other positions' outputs feed the multimodal decoder). Valid tokens are those
+up to and including the first `eos_id`, so the padding id may coincide with a real token (CLIP
+pads with 0 = "!").
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from flax import nnx
 from vistax.models import layers, vit
 from vistax.models.transformer import DTYPES, REMAT_POLICIES, Encoder
 
-POOLS = ("eos", "mean", "first")
+POOLS = ("eos", "mean", "first", "cls")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +60,10 @@ class TextConfig:
         if self.vocab_size < 2 or not 0 <= self.eos_id < self.vocab_size:
             raise ValueError(f"model.text.eos_id={self.eos_id} must lie in [0, vocab_size="
                              f"{self.vocab_size}).")
-        if self.causal and self.pool != "eos":
+        if self.causal and self.pool not in ("eos", "cls"):
             raise ValueError(f"model.text.pool={self.pool!r} with causal=True: only the "
-                             "end-of-text token has seen the whole text; use pool='eos'.")
+                             "end-of-text token (or an appended cls) has seen the whole text; use "
+                             "pool='eos' or 'cls'.")
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "TextConfig":
@@ -102,13 +106,20 @@ class TextTransformer(nnx.Module):
         self.token_embedding = layers.param(rngs, jax.nn.initializers.normal(0.02),
                                             (cfg.vocab_size, cfg.width), ("vocab", "embed"),
                                             param_dtype)
+        extra = int(cfg.pool == "cls")
         self.pos_embedding = layers.param(rngs, jax.nn.initializers.normal(0.01),
-                                          (cfg.max_len, cfg.width), (None, "embed"), param_dtype)
+                                          (cfg.max_len + extra, cfg.width), (None, "embed"),
+                                          param_dtype)
+        self.cls_token = (layers.param(rngs, jax.nn.initializers.normal(0.02), (1, 1, cfg.width),
+                                       (None, None, "embed"), param_dtype) if extra else None)
         self.encoder = Encoder(cfg, rngs=rngs)
 
     def __call__(self, tokens: jax.Array, *, rng: jax.Array | None = None
                  ) -> tuple[jax.Array, dict]:
-        """(B, L) int tokens -> (pooled (B, width), {'encoded': (B, L, width), ...})."""
+        """(B, L) int tokens -> (pooled (B, width), {'encoded': (B, L, width), ...}).
+
+        With pool='cls', 'encoded' holds the L text positions (the appended cls excluded).
+        """
         cfg = self.cfg
         length = tokens.shape[-1]
         if tokens.ndim != 2 or length > cfg.max_len:
@@ -116,13 +127,21 @@ class TextTransformer(nnx.Module):
                              f"{tokens.shape}; expected (batch, <= {cfg.max_len}).")
         dtype = DTYPES[cfg.dtype]
         x = jnp.take(self.token_embedding[...], tokens, axis=0).astype(dtype)
-        x = x + self.pos_embedding[:length].astype(dtype)
-        x = layers.constrain(x, ("batch", "length", "act_embed"))
         eos_pos, valid = valid_tokens(tokens, cfg.eos_id)
-        # Causal towers need no padding mask: positions after eos never reach the pooled token.
-        mask = None if cfg.causal else valid[:, None, None, :]
+        keys_valid = valid
+        if self.cls_token is not None:
+            cls = jnp.broadcast_to(self.cls_token[...].astype(dtype), (x.shape[0], 1, cfg.width))
+            x = jnp.concatenate([x, cls], axis=1)
+            keys_valid = jnp.pad(valid, ((0, 0), (0, 1)), constant_values=True)
+        x = x + self.pos_embedding[:x.shape[1]].astype(dtype)
+        x = layers.constrain(x, ("batch", "length", "act_embed"))
+        # A causal tower pooled at eos needs no padding mask: positions after eos never reach
+        # it. An appended cls sees every position, so the padding is masked out of the keys.
+        mask = (None if cfg.causal and cfg.pool == "eos" else keys_valid[:, None, None, :])
         encoded = self.encoder(x, rng, mask=mask, is_causal=cfg.causal)
-        if cfg.pool == "eos":
+        if cfg.pool == "cls":
+            pooled, encoded = encoded[:, -1], encoded[:, :-1]
+        elif cfg.pool == "eos":
             pooled = jnp.take_along_axis(encoded, eos_pos[:, None, None], axis=1)[:, 0]
         elif cfg.pool == "mean":
             weights = valid.astype(encoded.dtype)[..., None]
@@ -134,5 +153,5 @@ class TextTransformer(nnx.Module):
 
 def flops_per_example(cfg: TextConfig, length: int) -> float:
     """Forward FLOPs of one text of `length` tokens (matmuls and attention, 2 per MAC)."""
-    d, m, t = cfg.width, cfg.mlp_dim, length
+    d, m, t = cfg.width, cfg.mlp_dim, length + (cfg.pool == "cls")
     return float(cfg.depth * (2 * t * (4 * d * d + 2 * d * m) + 2 * 2 * t * t * d))

@@ -56,6 +56,21 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
+def add_heads(module: nnx.Module, cfg, *, rngs: nnx.Rngs) -> None:
+    """Sets `image_proj`, `text_proj`, `log_temperature` and `bias` (None without bias_init) on
+    `module`; `cfg` has image, text, embed_dim, proj_bias, log_temperature_init, bias_init."""
+    # CLIP initialises projections N(0, width^-1/2); bias-free unless configured.
+    for name, tower in (("image_proj", cfg.image), ("text_proj", cfg.text)):
+        init = jax.nn.initializers.normal(stddev=tower.width ** -0.5)
+        setattr(module, name, layers.Dense(
+            tower.width, cfg.embed_dim, ("embed", "proj"), rngs=rngs, use_bias=cfg.proj_bias,
+            kernel_init=init, dtype=DTYPES[tower.dtype], param_dtype=DTYPES[tower.param_dtype]))
+    module.log_temperature = nnx.Param(jnp.asarray(cfg.log_temperature_init, jnp.float32),
+                                       out_sharding=())
+    module.bias = (nnx.Param(jnp.asarray(cfg.bias_init, jnp.float32), out_sharding=())
+                   if cfg.bias_init is not None else None)
+
+
 class TwoTowers(nnx.Module):
     """`image` (ViT) and `text` (TextTransformer) towers, `image_proj`, `text_proj`,
     `log_temperature` and optionally `bias`."""
@@ -64,17 +79,7 @@ class TwoTowers(nnx.Module):
         self.cfg = cfg
         self.image = vit.ViT(cfg.image, rngs=rngs)
         self.text = text.TextTransformer(cfg.text, rngs=rngs)
-        # CLIP initialises projections N(0, width^-1/2); bias-free unless configured.
-        for name, tower in (("image_proj", cfg.image), ("text_proj", cfg.text)):
-            init = jax.nn.initializers.normal(stddev=tower.width ** -0.5)
-            setattr(self, name, layers.Dense(
-                tower.width, cfg.embed_dim, ("embed", "proj"), rngs=rngs, use_bias=cfg.proj_bias,
-                kernel_init=init, dtype=DTYPES[tower.dtype],
-                param_dtype=DTYPES[tower.param_dtype]))
-        self.log_temperature = nnx.Param(jnp.asarray(cfg.log_temperature_init, jnp.float32),
-                                         out_sharding=())
-        self.bias = (nnx.Param(jnp.asarray(cfg.bias_init, jnp.float32), out_sharding=())
-                     if cfg.bias_init is not None else None)
+        add_heads(self, cfg, rngs=rngs)
 
     def encode_image(self, images: jax.Array, *, rng: jax.Array | None = None
                      ) -> tuple[jax.Array, dict]:

@@ -91,9 +91,15 @@ def test_vit_variant_option_replaces_the_model():
 
 
 @pytest.mark.parametrize("module, preset", all_presets())
-def test_every_preset_passes_check_config(module, preset):
+def test_every_preset_passes_check_config(module, preset, request):
     assert len(jax.devices()) == 8
-    config = module.get_config(preset)
+    arg = preset
+    if hasattr(module, "image_text") and preset != "tiny":
+        # Paper-scale image-text presets name no tokenizer; CLIP's 49408-token BPE here.
+        vocab = os.path.join(request.getfixturevalue("open_clip_package_dir"), "open_clip",
+                             "bpe_simple_vocab_16e6.txt.gz")
+        arg = f"{preset},tokenizer=clip_bpe:{vocab}"
+    config = module.get_config(arg)
     objective, mesh, _, params = experiment.check_config(config)
     assert mesh.size == 8
     assert jax.tree.leaves(params)
@@ -218,3 +224,36 @@ def test_config_values_are_type_checked():
     c.lock()  # as `vistax` does: no new keys from overrides
     with pytest.raises(AttributeError, match="batch_size"):
         c.input.batch_sise = 3
+
+
+@pytest.fixture(scope="module")
+def fake_image_text(tmp_path_factory):
+    """A data_dir holding `image_text` made by `vistax prepare` from a CSV of image, caption."""
+    from PIL import Image
+    from vistax.data import prepare
+    root = tmp_path_factory.mktemp("captions")
+    rows = ["image,caption"]
+    for i in range(4):
+        pixels = np.random.default_rng(i).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"{i}.png")
+        rows.append(f"{i}.png,a photo of thing number {i}")
+    (root / "captions.csv").write_text("\n".join(rows) + "\n")
+    data_dir = tmp_path_factory.mktemp("tfds_captions")
+    prepare.prepare(str(root / "captions.csv"), str(data_dir / "image_text"))
+    return str(data_dir)
+
+
+@pytest.mark.parametrize("name, preset", [("clip", "B/32"), ("siglip", "B/16"), ("lit", "B/16"),
+                                          ("coca", "B/32")])
+def test_image_text_paper_presets_trace_their_sharded_step(name, preset, fake_image_text,
+                                                          open_clip_package_dir):
+    """The paper-scale towers, batch and loss (all-gathered softmax / sigmoid ring over the
+    8-way fsdp mesh) trace end to end on the prepared captions."""
+    module = importlib.import_module(f"vistax.configs.{name}")
+    vocab = os.path.join(open_clip_package_dir, "open_clip", "bpe_simple_vocab_16e6.txt.gz")
+    c = module.get_config(f"{preset},tokenizer=clip_bpe:{vocab}")
+    c.input.data_dir = fake_image_text
+    c.duration, c.schedule.warmup = "2 steps", "1 steps"  # 4 examples: ~1 step in 32 epochs
+    exp = experiment.Experiment(c)
+    assert exp.mesh.shape["fsdp"] == 8 and c.input.batch_size >= 16384
+    assert c.loss.impl == "sharded"

@@ -1,5 +1,6 @@
-"""The contrastive objective (CLIP / SigLIP / LiT) through the shared trainer: sharded runs equal
-one device, the CLIP temperature clip, LiT's locked tower, and a whole run with its evaluators."""
+"""The contrastive objectives (CLIP / SigLIP / LiT / CoCa) through the shared trainer: sharded
+runs equal one device, the CLIP temperature clip, LiT's locked tower, CoCa's weighted loss, and a
+whole run with its evaluators."""
 
 import json
 import math
@@ -9,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from vistax.configs import clip, lit, siglip
+from vistax.configs import clip, coca, lit, siglip
 from vistax.data import builtins
 from vistax.train import loop, sharding
 from vistax.train.experiment import Experiment
@@ -35,6 +36,8 @@ def small_config(shapes_path, data_dir):
                              image_size=16)
         c.model.text.update(width=32, depth=1, mlp_dim=64, num_heads=4, max_len=TEXT_LENGTH)
         c.model.embed_dim = 16
+        if "decoder_depth" in c.model:
+            c.model.update(decoder_depth=1, caption_queries=4)
         c.peak_flops_per_device = 1e11
         c.duration = "6 steps"
         c.schedule.warmup = "2 steps"
@@ -76,9 +79,15 @@ def _run(config, devices, steps=5):
     return exp, state, np.array(losses)
 
 
-@pytest.mark.parametrize("module", [clip, siglip], ids=["clip", "siglip"])
-@pytest.mark.parametrize("mesh", [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=2, tensor=2)],
-                         ids=["dp8", "dp2_fsdp2_tp2"])
+DP8, DP2_FSDP2_TP2 = dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=2, tensor=2)
+
+
+# CoCa's contrastive part is CLIP's; its 3-D mesh case covers the decoder's shardings.
+@pytest.mark.parametrize("module, mesh", [
+    pytest.param(clip, DP8, id="clip-dp8"), pytest.param(siglip, DP8, id="siglip-dp8"),
+    pytest.param(clip, DP2_FSDP2_TP2, id="clip-dp2_fsdp2_tp2"),
+    pytest.param(siglip, DP2_FSDP2_TP2, id="siglip-dp2_fsdp2_tp2"),
+    pytest.param(coca, DP2_FSDP2_TP2, id="coca-dp2_fsdp2_tp2")])
 def test_sharded_losses_match_one_device(small_config, module, mesh):
     _, _, single = _run(small_config(module, **{"mesh.data": 1, "loss.impl": "dense"}),
                         jax.devices()[:1])
@@ -120,6 +129,17 @@ def test_lit_keeps_the_image_tower_locked(small_config):
     assert changed["text_proj/kernel"] and changed["image_proj/kernel"]
 
 
+def test_coca_loss_weighs_contrastive_and_caption_losses(small_config):
+    weights = {"loss.caption_weight": 2.0, "loss.contrastive_weight": 1.0}
+    exp = Experiment(small_config(coca, **weights), devices=jax.devices()[:1])
+    state = exp.init_state()
+    _, metrics = exp.train_step(state, exp.global_batch(BATCHES[0]))
+    m = {k: float(jax.device_get(v)) for k, v in metrics.items()}
+    assert m["loss"] == pytest.approx(m["contrastive_loss"] + 2.0 * m["caption_loss"], rel=1e-6)
+    # At initialisation the caption head is near uniform over the (rounded-up) 384-id vocabulary.
+    assert m["caption_loss"] == pytest.approx(math.log(384), rel=0.05)
+
+
 def test_config_errors_name_the_key(small_config):
     with pytest.raises(ValueError, match="loss.type='hinge'"):
         Experiment(small_config(clip, **{"loss.type": "hinge"}), devices=jax.devices()[:1])
@@ -129,7 +149,7 @@ def test_config_errors_name_the_key(small_config):
         clip.get_config("B/16")
 
 
-@pytest.mark.parametrize("module", [clip, siglip], ids=["clip", "siglip"])
+@pytest.mark.parametrize("module", [clip, siglip, coca], ids=["clip", "siglip", "coca"])
 def test_a_run_reports_zero_shot_and_retrieval(small_config, module, tmp_path):
     workdir = str(tmp_path / "run")
     loop.train(small_config(module), workdir)

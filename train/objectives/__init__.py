@@ -2,11 +2,13 @@
 
 from vistax.train.objectives.base import Objective
 from vistax.train.objectives.classification import Classification
+from vistax.train.objectives.coca import CoCa
 from vistax.train.objectives.contrastive import Contrastive
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "classification": Classification,
     "contrastive": Contrastive,
+    "coca": CoCa,
 }
 
 
