@@ -39,10 +39,7 @@ class CoCaConfig:
     @classmethod
     def from_dict(cls, cfg: dict) -> "CoCaConfig":
         cfg = dict(cfg)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"Unknown model option(s) {unknown}; known: {sorted(known)}.")
+        two_towers.reject_unknown_options(cls, cfg)
         for key in ("embed_dim", "decoder_depth", "caption_queries"):
             if not isinstance(cfg.get(key), int) or cfg[key] < 1:
                 raise ValueError(f"model.{key}={cfg.get(key)!r} must be a positive int.")

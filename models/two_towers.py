@@ -35,10 +35,7 @@ class TwoTowersConfig:
     @classmethod
     def from_dict(cls, cfg: dict) -> "TwoTowersConfig":
         cfg = dict(cfg)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"Unknown model option(s) {unknown}; known: {sorted(known)}.")
+        reject_unknown_options(cls, cfg)
         if not cfg.get("embed_dim") or cfg["embed_dim"] < 1:
             raise ValueError(f"model.embed_dim={cfg.get('embed_dim')!r} must be a positive int.")
         image = vit.ViTConfig.from_dict(dict(cfg.pop("image")))
@@ -49,6 +46,14 @@ class TwoTowersConfig:
             raise ValueError("model.image.pool='none' gives no single image vector; use "
                              "cls, gap or map.")
         return cls(image=image, text=text.TextConfig.from_dict(dict(cfg.pop("text"))), **cfg)
+
+
+def reject_unknown_options(config_class, cfg: dict) -> None:
+    """Raises naming the keys of `cfg` that are not fields of the dataclass `config_class`."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(f"Unknown model option(s) {unknown}; known: {sorted(known)}.")
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
