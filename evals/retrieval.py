@@ -23,14 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vistax.evals.base import Evaluator, encoder, require, to_host
+from vistax.models.layers import l2_normalize
 
 DEFAULT_KS = (1, 5, 10)
 HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _normalize(x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
 
 
 def _recall_counts(images, texts, masks, *, ks, rows, stacked):
@@ -40,8 +36,8 @@ def _recall_counts(images, texts, masks, *, ks, rows, stacked):
     `rows(ndim)` shards dimension 0 over the batch axes, `stacked(ndim)` dimension 1.
     """
     constrain = jax.lax.with_sharding_constraint
-    img = constrain(_normalize(jnp.stack(images)), stacked(3))  # (N, B, D)
-    txt = constrain(_normalize(jnp.stack(texts)), stacked(4))  # (N, B, K, D)
+    img = constrain(l2_normalize(jnp.stack(images)), stacked(3))  # (N, B, D)
+    txt = constrain(l2_normalize(jnp.stack(texts)), stacked(4))  # (N, B, K, D)
     valid = constrain(jnp.stack(masks), stacked(2))  # (N, B)
     n, b, k_caps = txt.shape[:3]
     image_id = constrain(jnp.arange(n * b, dtype=jnp.int32).reshape(n, b), stacked(2))

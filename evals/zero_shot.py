@@ -19,11 +19,7 @@ import numpy as np
 from vistax.data import pipeline
 from vistax.evals import templates as templates_lib
 from vistax.evals.base import Evaluator, encoder, require, to_host
-
-
-def l2_normalize(x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+from vistax.models.layers import l2_normalize
 
 
 def _ensemble(embeddings: list[jax.Array], *, num_classes: int, num_templates: int) -> jax.Array:

@@ -81,14 +81,14 @@ class CoCa(nnx.Module):
         """(B, H, W, C) -> (L2-normalised (B, embed_dim), {'tokens', 'pooled', ...})."""
         tokens, out = self.image(images, rng=rng)
         pooled = self.contrastive_pool(tokens)[:, 0]
-        return two_towers.l2_normalize(self.image_proj(pooled)), dict(out, tokens=tokens,
+        return layers.l2_normalize(self.image_proj(pooled)), dict(out, tokens=tokens,
                                                                         pooled=pooled)
 
     def encode_text(self, tokens: jax.Array, *, rng: jax.Array | None = None
                     ) -> tuple[jax.Array, dict]:
         """(B, L) tokens -> (L2-normalised (B, embed_dim), {'encoded': (B, L, width), ...})."""
         pooled, out = self.text(tokens, rng=rng)
-        return two_towers.l2_normalize(self.text_proj(pooled)), out
+        return layers.l2_normalize(self.text_proj(pooled)), out
 
     def caption_logits(self, image_tokens: jax.Array, text_encoded: jax.Array, *,
                        rng: jax.Array | None = None) -> jax.Array:

@@ -197,6 +197,12 @@ class MAPHead(nnx.Module):
         return y[:, 0]
 
 
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """x / max(||x||, eps) along the last axis, in float32."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
 class AttentionalPooler(nnx.Module):
     """`num_queries` learned queries attend over LayerNormed tokens: (B, T, kv_dim) ->
     (B, num_queries, dim) (CoCa's attentional pooler, Yu et al. 2022, Sec. 3.2: a single

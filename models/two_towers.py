@@ -56,11 +56,6 @@ def reject_unknown_options(config_class, cfg: dict) -> None:
         raise ValueError(f"Unknown model option(s) {unknown}; known: {sorted(known)}.")
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
-
-
 def add_heads(module: nnx.Module, cfg, *, rngs: nnx.Rngs) -> None:
     """Sets `image_proj`, `text_proj`, `log_temperature` and `bias` (None without bias_init) on
     `module`; `cfg` has image, text, embed_dim, proj_bias, log_temperature_init, bias_init."""
@@ -90,13 +85,13 @@ class TwoTowers(nnx.Module):
                      ) -> tuple[jax.Array, dict]:
         """(B, H, W, C) -> (L2-normalised (B, embed_dim) float32, intermediates)."""
         pooled, out = self.image(images, rng=rng)
-        return l2_normalize(self.image_proj(pooled)), out
+        return layers.l2_normalize(self.image_proj(pooled)), out
 
     def encode_text(self, tokens: jax.Array, *, rng: jax.Array | None = None
                     ) -> tuple[jax.Array, dict]:
         """(B, L) tokens -> (L2-normalised (B, embed_dim) float32, intermediates)."""
         pooled, out = self.text(tokens, rng=rng)
-        return l2_normalize(self.text_proj(pooled)), out
+        return layers.l2_normalize(self.text_proj(pooled)), out
 
     def __call__(self, images: jax.Array, tokens: jax.Array, *, rng: jax.Array | None = None):
         """(image embeddings, text embeddings), both (B, embed_dim) and L2-normalised."""
