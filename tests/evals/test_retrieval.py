@@ -2,9 +2,7 @@
 similarity matrix), with K captions per image and a padded last batch, on 8 devices and on 1;
 padding is never a query nor retrieved; a collapsed model scores 0; pp and keys are checked."""
 
-import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -18,34 +16,6 @@ from vistax.evals import EvalContext
 from vistax.evals.retrieval import RetrievalEvaluator
 from vistax.train.experiment import Experiment
 from vistax.train.objectives.classification import Classification
-
-
-@dataclasses.dataclass
-class ArrayContext(EvalContext):
-    """An experiment's context whose batches come from in-memory arrays, padded with repeats of
-    real rows and masked as `pipeline.eval_iterator` pads them."""
-    arrays: dict = dataclasses.field(default_factory=dict)
-
-    def batches(self, cfg):
-        n = len(next(iter(self.arrays.values())))
-        size = cfg.batch_size
-        for start in range(0, math.ceil(n / size) * size, size):
-            index = np.arange(start, start + size)
-            batch = {k: v[index % n] for k, v in self.arrays.items()}
-            batch["_mask"] = index < n
-            yield self.global_batch(batch)
-
-
-def array_context(exp, encoders, arrays) -> ArrayContext:
-    fields = {f.name: getattr(exp.eval_context, f.name) for f in dataclasses.fields(EvalContext)}
-    return ArrayContext(**{**fields, "encoders": encoders, "arrays": arrays})
-
-
-@pytest.fixture(scope="module", params=[8, 1], ids=["8dev", "1dev"])
-def experiment(request, small_vit_config):
-    exp = Experiment(small_vit_config(), devices=jax.devices()[:request.param])
-    assert exp.mesh.size == request.param
-    return exp, exp.init_state(seed=0)
 
 
 def normalize(x):
@@ -70,14 +40,21 @@ def table_encoders(text_table):
             "text_embedding": lambda model, extra, batch: text_table[batch["text"][:, 0]]}
 
 
-def evaluator(exp, encoders, arrays, **cfg):
-    cfg = ml_collections.ConfigDict(dict(dict(type="retrieval", dataset="synthetic",
-                                              split="test", pp="synthetic", batch_size=16), **cfg))
-    return RetrievalEvaluator("ret", cfg, array_context(exp, encoders, arrays))
+@pytest.fixture
+def evaluator(array_context):
+    """make(exp, encoders, arrays, **cfg) -> a RetrievalEvaluator over the arrays."""
+
+    def make(exp, encoders, arrays, **cfg):
+        cfg = ml_collections.ConfigDict(dict(dict(type="retrieval", dataset="synthetic",
+                                                  split="test", pp="synthetic", batch_size=16),
+                                             **cfg))
+        return RetrievalEvaluator("ret", cfg, array_context(exp, encoders, arrays))
+
+    return make
 
 
 @pytest.mark.parametrize("captions", [3, 1])
-def test_recalls_equal_brute_force(experiment, captions):
+def test_recalls_equal_brute_force(experiment, evaluator, captions):
     exp, state = experiment
     rng = np.random.default_rng(captions)
     n, dim, length = 45, 8, 4  # 45 images in batches of 16: the last one holds 3 padding rows
@@ -100,7 +77,7 @@ def test_recalls_equal_brute_force(experiment, captions):
     assert 0 < result["t2i_recall@1"] < result["t2i_recall@10"] < 1
 
 
-def test_collapsed_model_scores_zero(experiment):
+def test_collapsed_model_scores_zero(experiment, evaluator):
     """Every similarity equal: ties count against the true match, so no recall is reached."""
     exp, state = experiment
     n, captions = 20, 2
@@ -113,7 +90,7 @@ def test_collapsed_model_scores_zero(experiment):
                       "t2i_recall@10": 0.0, "num_images": 20.0, "num_texts": 40.0}
 
 
-def test_padding_is_never_retrieved(experiment):
+def test_padding_is_never_retrieved(experiment, evaluator):
     """A padded batch repeats real rows; were they candidates, they would tie with (and rank
     before) the real ones. Here 9 images: every recall@1 is exact, so the repeats are out."""
     exp, state = experiment
@@ -154,7 +131,7 @@ def test_similarity_blocks_are_sharded():
     assert eight < 1024 * 4096 * 4  # under one full (images x texts) float32 matrix
 
 
-def test_checks_name_the_key(experiment):
+def test_checks_name_the_key(experiment, evaluator):
     exp, _ = experiment
     encoders = table_encoders(jnp.zeros((4, 8)))
     arrays = {}

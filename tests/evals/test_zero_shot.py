@@ -3,8 +3,6 @@
 padded last batch, on 8 devices and on 1; labels map by name to a subset of classes; template
 and class-name sets; config and pp errors name the key."""
 
-import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -14,26 +12,10 @@ import pytest
 
 from vistax.data import builtins, tokenizers
 from vistax.data.builders import shapes
-from vistax.evals import EvalContext, templates
+from vistax.evals import templates
 from vistax.evals.zero_shot import ZeroShotEvaluator
 from vistax.train.experiment import Experiment
 from vistax.train.objectives.classification import Classification
-
-
-@dataclasses.dataclass
-class ArrayContext(EvalContext):
-    """An experiment's context whose batches come from in-memory arrays, padded with repeats of
-    real rows and masked as `pipeline.eval_iterator` pads them."""
-    arrays: dict = dataclasses.field(default_factory=dict)
-
-    def batches(self, cfg):
-        n = len(next(iter(self.arrays.values())))
-        size = cfg.batch_size
-        for start in range(0, math.ceil(n / size) * size, size):
-            index = np.arange(start, start + size)
-            batch = {k: v[index % n] for k, v in self.arrays.items()}
-            batch["_mask"] = index < n
-            yield self.global_batch(batch)
 
 
 class IdTokenizer:
@@ -48,13 +30,6 @@ class IdTokenizer:
         return out
 
 
-@pytest.fixture(scope="module", params=[8, 1], ids=["8dev", "1dev"])
-def experiment(request, small_vit_config):
-    exp = Experiment(small_vit_config(), devices=jax.devices()[:request.param])
-    assert exp.mesh.size == request.param
-    return exp, exp.init_state(seed=0)
-
-
 def normalize(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
@@ -63,13 +38,17 @@ NAMES = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu"]
 TEMPLATES = ["a {}.", "the {} here", "my {}"]
 
 
-def evaluator(exp, encoders, arrays, **cfg):
-    cfg = ml_collections.ConfigDict(dict(dict(
-        type="zero_shot", dataset="synthetic", split="test", pp="synthetic", batch_size=16,
-        tokenizer="ids", text_length=4, class_names=NAMES, templates=TEMPLATES), **cfg))
-    fields = {f.name: getattr(exp.eval_context, f.name) for f in dataclasses.fields(EvalContext)}
-    ctx = ArrayContext(**{**fields, "encoders": encoders, "arrays": arrays})
-    return ZeroShotEvaluator("zs", cfg, ctx)
+@pytest.fixture
+def evaluator(array_context):
+    """make(exp, encoders, arrays, **cfg) -> a ZeroShotEvaluator over the arrays."""
+
+    def make(exp, encoders, arrays, **cfg):
+        cfg = ml_collections.ConfigDict(dict(dict(
+            type="zero_shot", dataset="synthetic", split="test", pp="synthetic", batch_size=16,
+            tokenizer="ids", text_length=4, class_names=NAMES, templates=TEMPLATES), **cfg))
+        return ZeroShotEvaluator("zs", cfg, array_context(exp, encoders, arrays))
+
+    return make
 
 
 def accuracies(images, labels, classes):
@@ -78,7 +57,7 @@ def accuracies(images, labels, classes):
     return np.mean(logits.argmax(-1) == labels), np.mean((top5 == labels[:, None]).any(-1))
 
 
-def test_accuracy_equals_the_numpy_ensemble(experiment, monkeypatch):
+def test_accuracy_equals_the_numpy_ensemble(experiment, evaluator, monkeypatch):
     exp, state = experiment
     prompts = templates.prompts(NAMES, TEMPLATES)
     monkeypatch.setattr(tokenizers, "get", lambda spec: IdTokenizer(prompts.index))
@@ -106,7 +85,7 @@ def test_accuracy_equals_the_numpy_ensemble(experiment, monkeypatch):
     assert 0.2 < top1 < 1.0
 
 
-def test_fewer_than_five_classes_have_no_top5(experiment, monkeypatch):
+def test_fewer_than_five_classes_have_no_top5(experiment, evaluator, monkeypatch):
     exp, state = experiment
     names = NAMES[:3]
     prompts = templates.prompts(names, ["{}"])
@@ -142,7 +121,7 @@ def test_template_and_class_name_sets():
         templates.class_names(["cat", "dog", "cat"])
 
 
-def test_checks_name_the_key(experiment, monkeypatch):
+def test_checks_name_the_key(experiment, evaluator, monkeypatch):
     exp, _ = experiment
     prompts = templates.prompts(NAMES, TEMPLATES)
     monkeypatch.setattr(tokenizers, "get", lambda spec: IdTokenizer(prompts.index))
