@@ -30,16 +30,18 @@ setuptools.setup(
         "pillow",
         "numpy",
         "scikit-learn",  # the built-in `digits` dataset
+        "scikit-image",  # its bundled photos, for MAE reconstruction pictures
         "tensorboardX",  # TensorBoard event files without TensorFlow
         "safetensors",  # reading foreign weight files (init_from)
         "regex",  # CLIP BPE pre-tokenisation (Unicode classes)
         "ftfy",  # CLIP BPE text cleaning
         "sentencepiece",
+        "matplotlib",  # `vistax sweep` result plots (Agg backend)
     ],
     extras_require={
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],  # libtpu: TPU runs and AOT compiles from a CPU host
         "cuda": ["jax[cuda12]>=0.10.2,<0.11"],
-        "test": ["pytest", "pytest-xdist", "scikit-image"],
+        "test": ["pytest", "pytest-xdist"],
         # Reference implementations for parity tests and torch weight files. 2.13.0 is the CPU
         # build this project's machines keep on disk; from PyPI it is the (large) CUDA build.
         "torch": ["torch==2.13.0", "transformers"],

@@ -102,6 +102,13 @@ def base_config() -> ml_collections.ConfigDict:
         # Decay kernels only: biases, norms, position embeddings and tokens are exempt, as in
         # DeiT/timm and big_vision.
         wd_mask=r".*/kernel$",
+        # Layer-wise lr decay (BEiT, Bao et al. 2022; MAE fine-tuning, He et al. 2021 Table 9):
+        # block i of a depth-L stack gets lr x rate**(L - i), the embeddings rate**(L + 1),
+        # everything else (final norm, head) 1. 1.0 turns it off. Blocks are found by regex on
+        # stacked leaves (leading `layers` axis), so it works with scan and without.
+        layer_decay=1.0,
+        layer_decay_blocks=r"(.*/)?encoder/blocks/.*",
+        layer_decay_embed=r"(.*/)?(patch_embed/.*|pos_embedding|cls_token|registers)",
     ))
     c.grad_clip_norm = config_dict.placeholder(float)  # global norm; None disables
     c.grad_accum_steps = 1

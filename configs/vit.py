@@ -35,7 +35,7 @@ def model_config(**values) -> ml_collections.ConfigDict:
         mlp_dim=config_dict.placeholder(int), num_heads=config_dict.placeholder(int),
         patch_size=config_dict.placeholder(int),
         image_size=224, channels=3, num_classes=0, pool="cls", posemb="learn", num_registers=0,
-        representation_size=0, dropout=0.0, drop_path=0.0, head_zero_init=True,
+        representation_size=0, dropout=0.0, drop_path=0.0, head_zero_init=True, head_norm="none",
         layernorm_eps=1e-6, qkv_bias=True, activation="gelu", patch_bias=True, pre_norm=False,
         scan=True, remat="none",
         dtype="float32", param_dtype="float32",

@@ -2,6 +2,8 @@
 
 from vistax.evals.base import DEFAULT_EVERY, EvalContext, Evaluator
 from vistax.evals.classification import ClassificationEvaluator
+from vistax.evals.linear_probe import KnnEvaluator, LinearProbeEvaluator
+from vistax.evals.reconstruction import ReconstructionEvaluator
 from vistax.evals.retrieval import RetrievalEvaluator
 from vistax.evals.zero_shot import ZeroShotEvaluator
 
@@ -11,6 +13,9 @@ EVALUATORS: dict[str, type[Evaluator]] = {
     "classification": ClassificationEvaluator,
     "zero_shot": ZeroShotEvaluator,
     "retrieval": RetrievalEvaluator,
+    "linear_probe": LinearProbeEvaluator,
+    "knn": KnnEvaluator,
+    "reconstruction": ReconstructionEvaluator,
 }
 
 

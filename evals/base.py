@@ -36,6 +36,7 @@ class EvalContext:
     process_index: int
     process_count: int
     batch_sharding: NamedSharding  # of global batches: leading dimension over the batch axes
+    workdir: str | None = None  # where evaluators may write files (pictures); None: nowhere
 
     @property
     def replicated(self) -> NamedSharding:
@@ -97,6 +98,16 @@ def encoder(ctx: EvalContext, name: str, cfg, key: str, default: str) -> Callabl
         raise ValueError(f"evals.{name}.{key}={encoder_name!r}: the objective offers "
                          f"{sorted(ctx.encoders)}.")
     return ctx.encoders[encoder_name]
+
+
+def embed_split(ctx: EvalContext, embed, state: dict, cfg) -> tuple[list, list[jax.Array]]:
+    """`embed` (compiled with outputs="device") on every batch of cfg's split: the per-batch
+    outputs and `_mask`s, global arrays sharded like the batches (nothing reaches the host)."""
+    outputs, masks = [], []
+    for batch in ctx.batches(cfg):
+        outputs.append(embed(state, batch))
+        masks.append(batch["_mask"])
+    return outputs, masks
 
 
 def to_host(tree) -> object:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vistax.evals.base import Evaluator, encoder, require, to_host
+from vistax.evals.base import Evaluator, embed_split, encoder, require, to_host
 from vistax.models.layers import l2_normalize
 
 DEFAULT_KS = (1, 5, 10)
@@ -121,12 +121,8 @@ class RetrievalEvaluator(Evaluator):
                              "retrieval needs (batch, D) embeddings of one size D.")
 
     def run(self, state):
-        images, texts, masks = [], [], []
-        for batch in self.ctx.batches(self.cfg):
-            out = self._embed(state, batch)
-            images.append(out["image"])
-            texts.append(out["text"])
-            masks.append(batch["_mask"])
+        outputs, masks = embed_split(self.ctx, self._embed, state, self.cfg)
+        images, texts = [o["image"] for o in outputs], [o["text"] for o in outputs]
         counts = to_host(self._recalls(images, texts, masks))
         num_images, num_texts = int(counts["num_images"]), int(counts["num_texts"])
         out = {}

@@ -1,7 +1,10 @@
-"""`vistax <command>`: train, eval, prepare, tokenizer.
+"""`vistax <command>`: train, eval, sweep, prepare, tokenizer.
 
   vistax train --config=configs/vit.py:tiny [--config.a.b=value ...] --workdir=DIR
   vistax eval  --config=configs/vit.py:tiny --workdir=DIR      # latest checkpoint in DIR
+  vistax sweep --config=configs/mae.py:tiny,sweep=mask_ratio --workdir=SWEEP_DIR
+      [--config.a.b=value ...] [--parallel=N | --emit=slurm|shell [--slurm_args='-p gpu ...']
+      | --collect_only]   # the config's `sweep` (launch/sweep.py), then results.csv/md/png
   vistax prepare --input=FOLDER_OR_CSV --output=DATASET_DIR [--kind=auto|folder|captions]
   vistax tokenizer --dataset=shapes --split=train --field=caption --vocab_size=8000 \
       --out=FILE.model [--data_dir=DIR]   # a SentencePiece model for 'sentencepiece:FILE.model'
@@ -24,13 +27,15 @@ from ml_collections import config_flags
 COMMANDS = {
     "train": "train a config in a workdir (resumes from its latest checkpoint)",
     "eval": "run a config's evaluators on the latest checkpoint in a workdir",
+    "sweep": "train the points of a config's `sweep` (or write job scripts) and tabulate them",
     "prepare": "convert a folder of class subfolders or a CSV/TSV of image,caption to a dataset",
     "tokenizer": "train a SentencePiece model on a text field of a dataset split",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and argument, "
                                           "e.g. configs/vit.py:tiny", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics; "
+                                "sweep: the sweep's directory, one subdirectory per point.")
 _STEP = flags.DEFINE_integer("step", None, "eval: checkpoint step (default: latest).")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "off", ["off", "auto"],
@@ -44,6 +49,15 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", int(os.environ["VISTAX_PROCESS_ID"]) if "VISTAX_PROCESS_ID" in os.environ
     else None, "This process's index in a multi-process run.")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "sweep: points trained at a time.", lower_bound=1)
+_EMIT = flags.DEFINE_enum("emit", None, ["slurm", "shell"], "sweep: write a job script per point "
+                          "to <workdir>/jobs/ (sbatch, or plain for other schedulers and TPU "
+                          "pods) and run nothing.")
+_SLURM_ARGS = flags.DEFINE_multi_string("slurm_args", [], "sweep --emit=slurm: more sbatch "
+                                        "options, one #SBATCH line each, e.g. "
+                                        "'--partition=gpu --gres=gpu:8 --nodes=2'.")
+_COLLECT_ONLY = flags.DEFINE_bool("collect_only", False, "sweep: only tabulate and plot the "
+                                  "points' metrics (after cluster runs).")
 _INPUT = flags.DEFINE_string("input", None, "prepare: class folder, or CSV/TSV file.")
 _OUTPUT = flags.DEFINE_string("output", None, "prepare: dataset directory to create.")
 _KIND = flags.DEFINE_enum("kind", "auto", ["auto", "folder", "captions"], "prepare: input kind.")
@@ -141,6 +155,9 @@ def _run(command: str, argv) -> None:
         _train_tokenizer()
         return
     _require(("config", _CONFIG.value), ("workdir", _WORKDIR.value))
+    if command == "sweep":
+        _sweep()
+        return
     _initialize_distributed()
     from vistax.train import loop
     if command == "train":
@@ -149,6 +166,25 @@ def _run(command: str, argv) -> None:
         results = loop.evaluate(_CONFIG.value, _WORKDIR.value, step=_STEP.value)
         for name, value in sorted(results.items()):
             print(f"{name} = {value:.6g}")
+
+
+def _sweep() -> None:
+    """Runs or emits the sweep in the process that parsed the flags (no jax imported here);
+    the --config.* overrides given reach every point."""
+    from vistax.launch import sweep
+    if _EMIT.value and _COLLECT_ONLY.value:
+        raise app.UsageError("--emit writes job scripts and --collect_only reads their results; "
+                             "pass one of them")
+    config_flag = flags.FLAGS["config"]
+    try:
+        status = sweep.main(config_flags.get_config_filename(config_flag),
+                            config_flags.get_override_values(config_flag), _WORKDIR.value,
+                            parallel=_PARALLEL.value, emit=_EMIT.value,
+                            slurm_args=_SLURM_ARGS.value, collect_only=_COLLECT_ONLY.value)
+    except sweep.SweepError as e:
+        sys.stderr.write(f"FATAL vistax sweep: {e}\n")
+        sys.exit(1)
+    sys.exit(status)
 
 
 def _train_tokenizer() -> None:

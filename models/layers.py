@@ -223,15 +223,28 @@ class AttentionalPooler(nnx.Module):
         return self.attn(queries, self.norm_tokens(x))
 
 
-def sincos_posemb_2d(height: int, width: int, dim: int, temperature: float = 10_000.0) -> np.ndarray:
-    """Fixed 2-D sin-cos position embedding (MoCo v3, Chen et al. 2021), shape (1, h*w, dim).
+SINCOS_STYLES = ("mocov3", "mae")
 
-    A quarter of the channels each for sin/cos of the row and of the column coordinate.
+
+def sincos_posemb_2d(height: int, width: int, dim: int, temperature: float = 10_000.0,
+                     style: str = "mocov3") -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding, shape (1, h*w, dim), rows in raster order.
+
+    A quarter of the channels each for [sin(x), cos(x), sin(y), cos(y)], x the column and y the
+    row, at frequencies 1 / temperature**(k / n), k = 0..n-1 over a quarter of n = dim/4
+    channels. `style` picks the one detail the two references differ in: "mocov3" (Chen et al.
+    2021, big_vision) divides k by n - 1, so the last frequency is 1/temperature; "mae" (He et
+    al. 2021, their `get_2d_sincos_pos_embed`) divides by n.
     """
     if dim % 4:
         raise ValueError(f"sincos2d position embedding needs a width divisible by 4, got {dim}.")
+    if style not in SINCOS_STYLES:
+        raise ValueError(f"sincos position embedding style {style!r} is not one of "
+                         f"{list(SINCOS_STYLES)}.")
+    n = dim // 4
+    denominator = n if style == "mae" else (n - 1 if n > 1 else 1)
     y, x = np.mgrid[:height, :width]
-    omega = 1.0 / temperature ** (np.arange(dim // 4) / (dim // 4 - 1 if dim > 4 else 1))
+    omega = 1.0 / temperature ** (np.arange(n, dtype=np.float64) / denominator)
     y = y.reshape(-1)[:, None] * omega[None]
     x = x.reshape(-1)[:, None] * omega[None]
     pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)

@@ -35,7 +35,8 @@ VARIANTS = {
 }
 
 POOLS = ("cls", "gap", "map", "none")
-POSEMBS = ("learn", "sincos2d")
+POSEMBS = ("learn", "sincos2d", "sincos2d_mae")  # see layers.sincos_posemb_2d
+HEAD_NORMS = ("none", "batchnorm")
 
 
 
@@ -70,6 +71,9 @@ class ViTConfig:
     dropout: float = 0.0
     drop_path: float = 0.0  # maximum rate; rises linearly with depth (DeiT, Huang et al. 2016)
     head_zero_init: bool = True  # big_vision: a zero head starts at uniform predictions
+    # "batchnorm": BatchNorm without affine parameters before the head, the linear probe of MAE
+    # (He et al. 2021, App. A.2); batch statistics when training, running averages otherwise.
+    head_norm: str = "none"
     layernorm_eps: float = 1e-6
     qkv_bias: bool = True
     activation: str = "gelu"  # gelu | gelu_tanh | quick_gelu (OpenAI CLIP)
@@ -82,6 +86,7 @@ class ViTConfig:
 
     def __post_init__(self):
         checks = (("pool", self.pool, POOLS), ("posemb", self.posemb, POSEMBS),
+                  ("head_norm", self.head_norm, HEAD_NORMS),
                   ("remat", self.remat, tuple(REMAT_POLICIES)), ("dtype", self.dtype, tuple(DTYPES)),
                   ("param_dtype", self.param_dtype, tuple(DTYPES)))
         for key, value, allowed in checks:
@@ -159,6 +164,10 @@ class ViT(nnx.Module):
         self.pre_logits = (layers.Dense(d, rep, ("embed", "mlp"), rngs=rngs, dtype=dtype,
                                         param_dtype=param_dtype) if rep else None)
         head_in = rep or d
+        # PyTorch BatchNorm1d defaults (momentum 0.1 there is 0.9 here); eps 1e-6 as MAE's probe.
+        self.head_norm = (nnx.BatchNorm(head_in, use_bias=False, use_scale=False, epsilon=1e-6,
+                                        momentum=0.9, dtype=jnp.float32, rngs=rngs)
+                          if cfg.head_norm == "batchnorm" else None)
         if cfg.num_classes:
             init = (jax.nn.initializers.zeros if cfg.head_zero_init
                     else jax.nn.initializers.xavier_uniform())
@@ -188,18 +197,23 @@ class ViT(nnx.Module):
                 raise ValueError(f"ViT built for {cfg.image_size}px images got {h}x{w}; set "
                                  "model.image_size (checkpoints are resampled when loaded).")
         else:
-            posemb = layers.sincos_posemb_2d(gh, gw, cfg.width)
+            style = "mae" if cfg.posemb == "sincos2d_mae" else "mocov3"
+            posemb = layers.sincos_posemb_2d(gh, gw, cfg.width, style=style)
         return x + jnp.asarray(posemb).astype(x.dtype)
 
-    def __call__(self, images: jax.Array, *, rng: jax.Array | None = None
-                 ) -> tuple[jax.Array, dict]:
+    def __call__(self, images: jax.Array, *, rng: jax.Array | None = None,
+                 keep: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """Returns (logits, or the pooled representation if there is no head; intermediates).
 
-        `rng` (training) enables dropout and drop path.
+        `rng` (training) enables dropout and drop path, and batch statistics in `head_norm`.
+        `keep` (B, K) int: indices of the patches to encode (MAE's visible patches, after
+        their position embeddings are added); the encoder then costs K tokens, not h*w.
         """
         cfg = self.cfg
         out = {}
         x = self.embed_patches(images)
+        if keep is not None:
+            x = jnp.take_along_axis(x, keep[..., None].astype(jnp.int32), axis=1)
         x = layers.constrain(x, ("batch", "length", "act_embed"))
         b = x.shape[0]
         prefix = []
@@ -228,6 +242,8 @@ class ViT(nnx.Module):
         if self.pre_logits is not None:
             pooled = jnp.tanh(self.pre_logits(pooled))
         out["pre_logits"] = pooled
+        if self.head_norm is not None:
+            pooled = self.head_norm(pooled.astype(jnp.float32), use_running_average=rng is None)
         if self.head is None:
             return pooled, out
         logits = self.head(pooled)

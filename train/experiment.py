@@ -150,6 +150,16 @@ class CompiledEval:
                              f"{type(e).__name__}: {e}") from e
 
 
+def eval_splits(name: str, cfg) -> dict[str, str]:
+    """The splits an evaluator reads: its `split` and any `<role>_split` keys (a linear probe's
+    train_split and test_split); there must be at least one."""
+    splits = {k: v for k, v in cfg.items() if (k == "split" or k.endswith("_split")) and v}
+    if not splits:
+        raise ValueError(f"evals.{name} names no split: set evals.{name}.split (or its "
+                         "train_split / test_split).")
+    return splits
+
+
 def _shapes(spec: dict) -> dict:
     return {k: (tuple(v.shape), str(v.dtype)) for k, v in spec.items()}
 
@@ -157,7 +167,7 @@ def _shapes(spec: dict) -> dict:
 class Experiment:
     """Built pieces of one run; see module docstring."""
 
-    def __init__(self, config, *, devices=None):
+    def __init__(self, config, *, devices=None, workdir: str | None = None):
         self.config = config
         self.objective, self.mesh, self.graphdef, abstract_params = check_config(
             config, devices=devices)
@@ -168,7 +178,8 @@ class Experiment:
 
         inp = config.input
         for name, cfg in config.evals.items():
-            self._split_size(f"evals.{name}.split", cfg.dataset, cfg.split)
+            for key, split in eval_splits(name, cfg).items():
+                self._split_size(f"evals.{name}.{key}", cfg.dataset, split)
         self.epoch_size = self._split_size("input.split", inp.dataset, inp.split)
         batch = inp.batch_size
         self.total_steps = durations.steps("duration", config.duration, global_batch=batch,
@@ -197,7 +208,8 @@ class Experiment:
             compile=lambda fn, **kw: CompiledEval(self, fn, **kw),
             encoders=self.objective.encoders(), global_batch=self.global_batch,
             data_dir=inp.data_dir, process_index=jax.process_index(),
-            process_count=jax.process_count(), batch_sharding=self.batch_sharding)
+            process_count=jax.process_count(), batch_sharding=self.batch_sharding,
+            workdir=workdir)
         self.evaluators = {name: evals.get(name, cfg.type)(name, cfg, self.eval_context)
                            for name, cfg in config.evals.items()}
         self._preflight()
@@ -236,7 +248,8 @@ class Experiment:
                              f"{e}") from e
         for name, evaluator in self.evaluators.items():
             cfg = self.config.evals[name]
-            evaluator.check(pipeline.example_spec(dataset=cfg.dataset, split=cfg.split, pp=cfg.pp,
+            split = next(iter(eval_splits(name, cfg).values()))
+            evaluator.check(pipeline.example_spec(dataset=cfg.dataset, split=split, pp=cfg.pp,
                                                   data_dir=inp.data_dir, eval_mode=True))
 
     def _key_data(self, seed: int) -> jax.Array:

@@ -91,7 +91,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     `stop_after` ends the process's work after that many steps of this invocation (as if
     interrupted), without a final checkpoint: tests use it to simulate preemption.
     """
-    exp = Experiment(config)  # validates everything; nothing is written before this passes
+    exp = Experiment(config, workdir=workdir)  # validates everything; nothing is written yet
     inp = config.input
     data_iter = pipeline.train_iterator(
         dataset=inp.dataset, split=inp.split, pp=inp.pp, global_batch_size=inp.batch_size,
@@ -185,7 +185,7 @@ def evaluate(config, workdir: str, *, step: int | None = None) -> dict:
     """Runs all configured evaluators on the latest (or given) checkpoint in `workdir`."""
     if not config.evals:
         raise ValueError("config.evals is empty: nothing to evaluate.")
-    exp = Experiment(config)
+    exp = Experiment(config, workdir=workdir)
     ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, asynchronous=False, create=False)
     try:
         steps = ckpt.all_steps()

@@ -17,6 +17,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from vistax.train import param_groups
@@ -56,14 +57,19 @@ def _is_masked(x) -> bool:
     return isinstance(x, optax.MaskedNode)
 
 
+def _is_one(scale) -> bool:
+    return isinstance(scale, float) and scale == 1.0
+
+
 def _per_leaf_scale(scales) -> optax.GradientTransformation:
-    """Multiplies each update leaf by a fixed Python number (skipped where it is 1)."""
+    """Multiplies each update leaf by a fixed Python number, or a numpy array broadcasting
+    against it (per-layer factors of stacked blocks); skipped where the number is 1."""
 
     def update(updates, state, params=None):
         del params
         # Inside the `trainable` branch of multi_transform, frozen leaves are MaskedNodes.
-        return jax.tree.map(lambda u, s: u if s == 1.0 or _is_masked(u) else u * s, updates,
-                            scales, is_leaf=_is_masked), state
+        return jax.tree.map(lambda u, s: u if _is_one(s) or _is_masked(u) else
+                            (u * s).astype(u.dtype), updates, scales, is_leaf=_is_masked), state
 
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
@@ -91,7 +97,7 @@ class ParamGroups:
     trainable: object
     decays: object  # bool: decoupled weight decay (and LARS trust ratio) applies
     wd_rates: object  # float: weight_decay x wd multiplier, 0 where not decayed
-    lr_mults: object  # float
+    lr_mults: object  # float, or a numpy array of per-layer factors for stacked blocks
 
 
 def param_group_trees(config, params) -> ParamGroups:
@@ -110,11 +116,41 @@ def param_group_trees(config, params) -> ParamGroups:
     lr_mults = param_groups.assign(
         params, "param_groups.lr_mults",
         param_groups.as_pairs("param_groups.lr_mults", groups.lr_mults), 1.0)
+    if groups.get("layer_decay", 1.0) != 1.0:
+        lr_mults = jax.tree.map(lambda a, b: a * b, lr_mults,
+                                layer_decay_mults(params, groups))
     return ParamGroups(
         trainable=jax.tree.map(lambda f: not f, frozen), decays=decays,
         wd_rates=jax.tree.map(lambda d, m: float(opt.weight_decay) * m if d else 0.0, decays,
                               wd_mults),
         lr_mults=lr_mults)
+
+
+def layer_decay_mults(params, groups):
+    """Tree like `params` of layer-wise lr factors (see configs/common.py, `layer_decay`).
+
+    Leaves of stacked blocks get a numpy array of shape (depth, 1, ..., 1): one factor per
+    layer along their leading axis."""
+    rate = float(groups.layer_decay)
+    if not 0.0 < rate <= 1.0:
+        raise ValueError(f"param_groups.layer_decay={groups.layer_decay} must lie in (0, 1].")
+    blocks = param_groups.mask(params, "param_groups.layer_decay_blocks",
+                               (groups.layer_decay_blocks,))
+    embed = param_groups.mask(params, "param_groups.layer_decay_embed",
+                              (groups.layer_decay_embed,))
+    depths = {p.shape[0] for p, b in zip(jax.tree.leaves(params), jax.tree.leaves(blocks)) if b}
+    if len(depths) != 1:
+        raise ValueError(f"param_groups.layer_decay_blocks={groups.layer_decay_blocks!r} matches "
+                         f"stacked leaves of different depths {sorted(depths)}; match one stack.")
+    depth = depths.pop()
+
+    def factor(param, is_block, is_embed):
+        if is_block:
+            per_layer = rate ** (depth - np.arange(depth, dtype=np.float64))
+            return per_layer.reshape((depth,) + (1,) * (param.ndim - 1)).astype(np.float32)
+        return rate ** (depth + 1) if is_embed else 1.0
+
+    return jax.tree.map(factor, params, blocks, embed)
 
 
 def make_optimizer(config, params, *, total_steps: int, warmup_steps: int) -> Optimizer:
@@ -138,7 +174,7 @@ def make_optimizer(config, params, *, total_steps: int, warmup_steps: int) -> Op
     if opt.name in ("lars", "sgd") and opt.momentum:
         chain.append(optax.trace(decay=opt.momentum, nesterov=opt.nesterov))
     chain.append(optax.scale_by_learning_rate(schedule))
-    if any(m != 1.0 for m in jax.tree.leaves(groups.lr_mults)):
+    if not all(_is_one(m) for m in jax.tree.leaves(groups.lr_mults)):
         chain.append(_per_leaf_scale(groups.lr_mults))
     tx = optax.chain(*chain)
     if not all(jax.tree.leaves(groups.trainable)):

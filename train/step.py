@@ -36,7 +36,13 @@ def make_train_step(objective: Objective, graphdef, optimizer: Optimizer, *, acc
     """Builds step(state, batch) for `objective` with gradient accumulation over `accum_steps`."""
 
     def loss_fn(params, model_state, extra, batch, rng):
-        model = nnx.merge(graphdef, params, model_state)
+        # Frozen parameters (param_groups.freeze) are constants to the gradient, so XLA drops
+        # the backward pass that only they need (a frozen backbone under a linear probe costs a
+        # forward pass).
+        params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params,
+                              optimizer.trainable)
+        # copy=True: fresh Variables of this trace, so BatchNorm statistics can be updated here.
+        model = nnx.merge(graphdef, params, model_state, copy=True)
         loss, metrics, stats = objective.loss(model, extra, batch, rng)
         new_model_state = nnx.state(model, nnx.Not(nnx.Param))
         return loss, ((metrics, stats), new_model_state)

@@ -136,6 +136,33 @@ def test_paper_presets_build_against_a_prepared_imagenet(preset, fake_imagenet):
     assert "method='bicubic'" in c.input.pp and "method='bicubic'" in c.evals.val.pp
 
 
+@pytest.mark.parametrize("name", ["mae", "mae_finetune", "mae_linear_probe"])
+def test_mae_paper_presets_build_against_a_prepared_imagenet(name, fake_imagenet):
+    """Traces the step and every evaluator (probe, reconstruction pictures of the photos at
+    224px) of the B/16 presets."""
+    module = importlib.import_module(f"vistax.configs.{name}")
+    c = module.get_config("B/16")
+    c.input.data_dir = fake_imagenet
+    exp = experiment.Experiment(c)
+    assert exp.total_steps >= 1
+    if name == "mae":
+        assert c.mae.mask_ratio == 0.75 and c.mae.decoder_depth == 8 and c.mae.norm_pix_loss
+        assert set(c.evals) == {"probe", "pictures"}
+    if name == "mae_linear_probe":
+        assert c.optimizer.name == "lars" and c.model.head_norm == "batchnorm"
+
+
+def test_mae_sweeps_declare_their_points():
+    from vistax.configs import mae
+    ratios = [p["mae.mask_ratio"] for p in mae.get_config("tiny,sweep=mask_ratio").sweep.points]
+    assert ratios[0] == 0.25 and ratios[-1] == 0.9 and 0.75 in ratios
+    target = mae.get_config("tiny,sweep=target").sweep
+    assert [p["mae.norm_pix_loss"] for p in target.points] == [False, True]
+    assert mae.get_config("B/16,sweep=decoder_depth").sweep.metric == "eval/probe/accuracy"
+    with pytest.raises(ValueError, match=r"sweep='depth' is not one of"):
+        mae.get_config("tiny,sweep=depth")
+
+
 # -- check_config errors ---------------------------------------------------------------------
 
 
@@ -176,7 +203,7 @@ def tiny(**overrides):
     ({"schedule.warmup": "3 minutes"}, r"schedule\.warmup='3 minutes'"),
     ({"checkpoint.every": "epochs"}, r"checkpoint\.every='epochs'"),
     ({"evals.test.every": "1 hour"}, r"evals\.test\.every='1 hour'"),
-    ({"evals.test.type": "knn"}, r"evals\.test\.type='knn'"),
+    ({"evals.test.type": "kmeans"}, r"evals\.test\.type='kmeans'"),
     ({"model.pool": "avg"}, r"model\.pool='avg'"),
     ({"model.num_classes": 0}, r"model\.num_classes"),
     ({"loss.label_smoothing": 1.0}, r"loss\.label_smoothing=1\.0"),

@@ -45,3 +45,43 @@ def experiment(request, small_vit_config):
     exp = Experiment(small_vit_config(), devices=jax.devices()[:request.param])
     assert exp.mesh.size == request.param
     return exp, exp.init_state(seed=0)
+
+
+@dataclasses.dataclass
+class SplitArrayContext(EvalContext):
+    """An experiment's context whose batches of `cfg.split` come from in-memory arrays
+    `splits[cfg.split]`. Padding rows repeat real rows, as `pipeline.eval_iterator` pads, or
+    are rows of `padding` (cycled) when given: garbage that must never count."""
+    splits: dict = dataclasses.field(default_factory=dict)
+    padding: dict | None = None
+
+    def batches(self, cfg):
+        arrays = self.splits[cfg.split]
+        n = len(next(iter(arrays.values())))
+        size = cfg.batch_size
+        for start in range(0, math.ceil(n / size) * size, size):
+            index = np.arange(start, start + size)
+            real = index < n
+            batch = {}
+            for key, value in arrays.items():
+                rows = value[index % n]
+                if self.padding is not None:
+                    pad = self.padding[key][index % len(self.padding[key])]
+                    rows = np.where(real.reshape((-1,) + (1,) * (rows.ndim - 1)), rows, pad)
+                batch[key] = rows
+            batch["_mask"] = real
+            yield self.global_batch(batch)
+
+
+@pytest.fixture
+def split_array_context():
+    """make(exp, encoders, splits, padding=None) -> exp's EvalContext with these encoders,
+    batching splits[cfg.split] (see SplitArrayContext)."""
+
+    def make(exp, encoders, splits, padding=None) -> SplitArrayContext:
+        fields = {f.name: getattr(exp.eval_context, f.name)
+                  for f in dataclasses.fields(EvalContext)}
+        return SplitArrayContext(**{**fields, "encoders": encoders, "splits": splits,
+                                    "padding": padding})
+
+    return make

@@ -228,6 +228,36 @@ def test_lr_mults_scale_matching_updates_first_match_wins(params):
             np.testing.assert_array_equal(u[name], -0.5, err_msg=name)
 
 
+def test_layer_decay_scales_each_stacked_block_and_the_embeddings():
+    """BEiT / MAE fine-tuning: block i of L gets rate**(L - i), patch embedding, position
+    embedding and cls token rate**(L + 1), the final norm and head 1 (times lr_mults)."""
+    depth, rate, lr = 3, 0.5, 0.5
+    cfg_vit = vit.ViTConfig.from_dict(dict(variant="mu/8", image_size=16, num_classes=3,
+                                           depth=depth))
+    deep = random_like(nnx.state(nnx.eval_shape(lambda: vit.ViT(cfg_vit, rngs=nnx.Rngs(0))),
+                                 nnx.Param), seed=7)
+    cfg = make_config("sgd", lr=lr, param_groups__layer_decay=rate,
+                      param_groups__lr_mults=((r"head/kernel", 2.0),))
+    opt = build(cfg, deep)
+    (updates,), _, _ = run(opt.tx, deep, [jax.tree.map(jnp.ones_like, deep)])
+    u = flat(updates)
+    per_layer = rate ** (depth - np.arange(depth))  # [rate^3, rate^2, rate^1]
+    for name, value in u.items():
+        if name.startswith("encoder/blocks/"):
+            assert value.shape[0] == depth
+            expected = -lr * per_layer.reshape((depth,) + (1,) * (value.ndim - 1))
+            np.testing.assert_allclose(value, np.broadcast_to(expected, value.shape), rtol=1e-6,
+                                       err_msg=name)
+        elif name.split("/")[0] in ("patch_embed", "pos_embedding", "cls_token"):
+            np.testing.assert_allclose(value, -lr * rate ** (depth + 1), rtol=1e-6, err_msg=name)
+        elif name == "head/kernel":
+            np.testing.assert_allclose(value, -lr * 2.0, rtol=1e-6)
+        else:  # final norm, head bias
+            np.testing.assert_allclose(value, -lr, rtol=1e-6, err_msg=name)
+    with pytest.raises(ValueError, match=r"param_groups\.layer_decay=1\.5 must lie in"):
+        build(make_config("sgd", param_groups__layer_decay=1.5), deep)
+
+
 def test_wd_mults_apply_on_top_of_mask(params):
     lr, wd = 0.5, 0.1
     cfg = make_config("sgd", lr=lr, optimizer__weight_decay=wd,

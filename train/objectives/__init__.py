@@ -4,11 +4,13 @@ from vistax.train.objectives.base import Objective
 from vistax.train.objectives.classification import Classification
 from vistax.train.objectives.coca import CoCa
 from vistax.train.objectives.contrastive import Contrastive
+from vistax.train.objectives.mae import MAE
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "classification": Classification,
     "contrastive": Contrastive,
     "coca": CoCa,
+    "mae": MAE,
 }
 
 

@@ -1,0 +1,409 @@
+"""`vistax sweep` (launch/sweep.py): point names, override values that survive the command line,
+validation errors, results tables and plot from hand-written metrics, job scripts, local runs
+with a stand-in trainer, and one real 2-point sweep through the CLI that a second run skips."""
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from vistax.launch import sweep
+
+_SCRIPT = os.path.join(os.path.dirname(sys.executable), "vistax")
+VISTAX = [_SCRIPT] if os.path.exists(_SCRIPT) else [sys.executable, "-m", "vistax.launch.cli"]
+
+# A config with one key of each overridable kind, and a sweep over `lr`.
+SMALL_CONFIG = """
+import ml_collections
+from ml_collections import config_dict
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.lr = 0.1
+    c.steps = 10
+    c.flag = False
+    c.model = ml_collections.ConfigDict(dict(
+        variant="S/16", pool=("cls",), clip=config_dict.placeholder(float)))
+    c.sweep = ml_collections.ConfigDict({SWEEP})
+    return c
+"""
+
+
+def write_config(tmp_path, name="sweep_config.py", **spec) -> str:
+    """A SMALL_CONFIG file whose `sweep` holds `spec` (default: metric, x=lr, 2 points)."""
+    spec = {"metric": "eval/test/accuracy", "x": "lr",
+            "points": ({"lr": 0.01}, {"lr": 0.03}), **spec}
+    spec = {k: v for k, v in spec.items() if v is not None}
+    path = tmp_path / name
+    path.write_text(SMALL_CONFIG.replace("{SWEEP}", repr(spec)))
+    return str(path)
+
+
+def vistax(*args, cwd, timeout=300):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    return subprocess.run(VISTAX + list(args), cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def explain(result) -> str:
+    return (f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\n"
+            f"stderr:\n{result.stderr[-3000:]}")
+
+
+def write_lines(path, rows) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(row if isinstance(row, str) else json.dumps(row) + "\n" for row in rows)
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---- names and values ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, name", [
+    ({"mae.mask_ratio": 0.25}, "mae.mask_ratio=0.25"),
+    ({"schedule.base_lr": 1e-05}, "schedule.base_lr=1e-05"),
+    ({"model.variant": "B/16", "model.depth": 2}, "model.variant=B-16,model.depth=2"),
+    ({"model.pool": ("map", 4)}, "model.pool=map-4"),
+    ({"model.scan": True, "input.pp": ""}, "model.scan=true,input.pp=empty"),
+    ({}, "base"),
+])
+def test_point_name(overrides, name):
+    assert sweep.point_name(overrides) == name
+
+
+def test_long_point_names_are_cut_and_stay_distinct():
+    names = [sweep.point_name({"input.pp": "decode|" + "resize(32)|" * 20 + tail})
+             for tail in ("flip", "crop")]
+    assert all(len(name) == 100 for name in names)
+    assert names[0][:91] == names[1][:91] and names[0] != names[1]
+
+
+@pytest.mark.parametrize("default, value", [
+    (0.1, 1e-05), (0.1, 3e-4), (0.1, 2.5), (0.1, 0.1 + 0.2),
+    (10, 7), (10, -3),
+    (False, True), (True, False),
+    ("S/16", "B/16"), ("x", "true"), ("x", "1e-3"), ("x", ""), ("x", "a b, c"),
+    ((1, 2), (3, 4)), ((1, 2), ()), ((1, 2), (5,)), (("a",), ("a,b", "c d")),
+    ((), ((".*/kernel$", 0.5), ("bias", None))),
+], ids=lambda v: type(v).__name__)
+def test_rendered_values_parse_back_through_the_config_flag(tmp_path, default, value):
+    path = tmp_path / "one_key.py"
+    path.write_text("import ml_collections\n\ndef get_config(arg=None):\n"
+                    f"    return ml_collections.ConfigDict(dict(key={default!r}))\n")
+    flags = sweep.override_flags({"key": value})
+    config = sweep.load_config(str(path), flags)
+    assert config.key == value and type(config.key) is type(value), flags
+
+
+# ---- validation -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, expected", [
+    (dict(metric=None), ["sweep.metric=None", "metrics.jsonl key"]),
+    (dict(points=()), ["sweep.points=()", "non-empty"]),
+    (dict(points=({"lr": 0.5}, "lr=0.7")), ["sweep.points[1]='lr=0.7'", "expected a dict"]),
+    (dict(metrics="loss"), ["sweep.metrics is not a sweep key"]),
+    (dict(x="model.varaint"), ["sweep.x", "'model.varaint'", "did you mean 'model.variant'"]),
+    (dict(points=({"lr": 0.5}, {"model.varaint": "B/16"})),
+     ["sweep.points[1] key 'model.varaint'", "did you mean 'model.variant'"]),
+    (dict(points=({"lr": 0.5}, {"lr": 0.7}, {"lr": 0.5})),
+     ["sweep.points[2] {'lr': 0.5} gives the same config as sweep.points[0]"]),
+    (dict(points=({"lr": 1}, {"lr": 1.0})), ["sweep.points[1]", "same config as sweep.points[0]"]),
+    (dict(points=({"lr": 0.1, "steps": 5}, {"steps": 5})),
+     ["sweep.points[1] {'steps': 5} gives the same config as sweep.points[0]"]),
+    (dict(points=({"steps": "ten"},)), ["sweep.points[0] {'steps': 'ten'}", "--config.steps=ten",
+                                       "invalid literal for int()"]),
+    (dict(points=({"model.variant": 16},)),
+     ["sweep.points[0] sets model.variant=16 (int)", "gives '16' (str)"]),
+    (dict(points=({"model.clip": None},)), ["sweep.points[0]", "--config.model.clip=None",
+                                           "could not convert string to float"]),
+], ids=["no-metric", "no-points", "point-not-dict", "unknown-sweep-key", "unknown-x",
+        "unknown-point-key", "duplicate", "duplicate-int-float", "duplicate-of-default",
+        "wrong-type", "changes-type", "none-for-float"])
+def test_validation_errors_name_the_key_and_value(tmp_path, spec, expected):
+    with pytest.raises(sweep.SweepError) as error:
+        sweep.plan(write_config(tmp_path, **spec))
+    for text in expected:
+        assert text in str(error.value)
+
+
+def test_config_without_sweep_or_file(tmp_path):
+    path = tmp_path / "plain.py"
+    path.write_text("import ml_collections\n\ndef get_config(arg=None):\n"
+                    "    return ml_collections.ConfigDict(dict(lr=0.1))\n")
+    with pytest.raises(sweep.SweepError, match="has no `sweep` entry"):
+        sweep.plan(f"{path}:tiny")
+    with pytest.raises(sweep.SweepError, match="missing.py .*does not exist"):
+        sweep.plan(str(tmp_path / "missing.py"))
+
+
+def test_base_overrides_reach_every_point_but_not_a_swept_key(tmp_path):
+    path = write_config(tmp_path, points=({"model.variant": "B/16"}, {"model.variant": "B-16"}))
+    planned = sweep.plan(path, {"steps": 3, "model.pool": ("map",)})
+    assert planned.base_flags == ("--config.steps=3", "--config.model.pool=('map',)")
+    assert [p.config.steps for p in planned.points] == [3, 3]
+    assert [p.config.model.variant for p in planned.points] == ["B/16", "B-16"]
+    names = [p.name for p in planned.points]  # both spell model.variant=B-16: digests added
+    assert names[0] != names[1] and all(n.startswith("model.variant=B-16-") for n in names)
+    with pytest.raises(sweep.SweepError, match=r"--config.model overrides 'model.variant'"):
+        sweep.plan(path, {"model": {"variant": "L/16"}})
+    with pytest.raises(sweep.SweepError, match=r"--config.stepz: .* did you mean 'steps'"):
+        sweep.plan(path, {"stepz": 3})
+
+
+def test_config_dict_points_are_flattened(tmp_path):
+    path = tmp_path / "nested.py"
+    path.write_text(SMALL_CONFIG.replace("{SWEEP}", "dict(metric='m', points=(ml_collections."
+                                         "ConfigDict(dict(model=dict(variant='B/16'))),))"))
+    (point,) = sweep.plan(str(path)).points
+    assert point.overrides == {"model.variant": "B/16"} and point.name == "model.variant=B-16"
+
+
+# ---- results --------------------------------------------------------------------------------
+
+@pytest.fixture
+def four_points(tmp_path):
+    """(sweep, sweep_dir): points finished, never run, failed after an evaluation, and
+    finished without the metric."""
+    planned = sweep.plan(write_config(tmp_path, points=tuple(
+        {"lr": lr} for lr in (0.01, 0.03, 0.1, 0.3))))
+    sweep_dir = str(tmp_path / "S")
+    names = [p.name for p in planned.points]
+    metric = "eval/test/accuracy"
+    write_lines(os.path.join(sweep_dir, names[0], "metrics.jsonl"), [
+        {"step": 5, "train/loss": 2.0}, {"step": 5, metric: 0.5},
+        {"step": 10, metric: 0.75}, {"step": 10, "resumed": 1}, {"step": 10, metric: 0.8125},
+        {"step": 8, metric: 0.1}, '{"step": 12, "eval/te'])  # a line cut short by a kill
+    write_lines(os.path.join(sweep_dir, names[0], sweep.RUNS_FILE), [
+        {"exit_code": 1, "wall_s": 12.5}, {"exit_code": 0, "wall_s": 7.5}])
+    write_lines(os.path.join(sweep_dir, names[2], "metrics.jsonl"), [{"step": 5, metric: 0.3}])
+    write_lines(os.path.join(sweep_dir, names[2], sweep.RUNS_FILE), [
+        {"exit_code": 0, "wall_s": 1.0}, {"exit_code": 137, "wall_s": 2.0}])
+    write_lines(os.path.join(sweep_dir, names[3], "metrics.jsonl"), [{"step": 5, "x": 1.0}])
+    return planned, sweep_dir
+
+
+def test_collect_writes_csv_and_markdown(four_points):
+    planned, sweep_dir = four_points
+    paths = sweep.write_results(planned, sweep.collect(planned, sweep_dir), sweep_dir)
+    assert paths == [os.path.join(sweep_dir, f"results.{e}") for e in ("csv", "md", "png")]
+    rows = read_csv(paths[0])
+    assert list(rows[0]) == ["point", "lr", "eval/test/accuracy", "step", "wall_s", "status"]
+    assert [(r["point"], r["lr"], r["eval/test/accuracy"], r["step"], r["wall_s"], r["status"])
+            for r in rows] == [
+        ("lr=0.01", "0.01", "0.8125", "10", "20.0", "ok"),
+        ("lr=0.03", "0.03", "", "", "", "not run"),
+        ("lr=0.1", "0.1", "", "", "3.0", "failed (exit 137)"),
+        ("lr=0.3", "0.3", "", "", "", "no metric"),
+    ]
+    with open(paths[1], encoding="utf-8") as f:
+        markdown = f.read()
+    assert markdown.startswith("## sweep_config.py\n")
+    assert ("| point | lr | eval/test/accuracy | step | wall_s | status |\n"
+            "|---|---|---|---|---|---|\n") in markdown
+    assert "| lr=0.01 | 0.01 | 0.8125 | 10 | 20.0 | ok |" in markdown
+    assert "| lr=0.03 | 0.03 |  |  |  | not run |" in markdown
+    assert "| lr=0.1 | 0.1 |  |  | 3.0 | failed (exit 137) |" in markdown
+
+
+def _assert_png(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
+    with Image.open(io.BytesIO(data)) as image:
+        image.verify()
+
+
+def test_plots_numeric_categorical_and_empty(four_points, tmp_path):
+    planned, sweep_dir = four_points
+    results = sweep.collect(planned, sweep_dir)
+    sweep.write_plot(planned, results, str(tmp_path / "line.png"))  # x=lr: a line
+    _assert_png(tmp_path / "line.png")
+    categorical = sweep.plan(write_config(tmp_path, name="cat.py", x=None, points=(
+        {"model.variant": "B/16"}, {"model.variant": "L/16", "flag": True})))
+    sweep.write_plot(categorical, sweep.collect(categorical, sweep_dir), str(tmp_path / "b.png"))
+    _assert_png(tmp_path / "b.png")  # bars, both "n/a"
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["S", "b.png", "cat.py", "line.png", "sweep_config.py"])  # no partial files left
+
+
+# ---- job scripts ----------------------------------------------------------------------------
+
+def test_emit_slurm_writes_scripts_that_record_their_launch(tmp_path):
+    planned = sweep.plan(write_config(tmp_path), {"steps": 3})
+    sweep_dir = str(tmp_path / "S")
+    paths = sweep.emit_jobs(planned, sweep_dir, "slurm",
+                            ["--partition=gpu --gres=gpu:8 -t 1:00:00", "--nodes=2"])
+    jobs = os.path.join(sweep_dir, "jobs")
+    assert paths == [os.path.join(jobs, n) for n in
+                     ("lr=0.01.sbatch", "lr=0.03.sbatch", "submit_all.sh")]
+    with open(paths[1], encoding="utf-8") as f:
+        script = f.read()
+    point_dir = os.path.join(sweep_dir, "lr=0.03")
+    lines = script.splitlines()
+    assert lines[:8] == [
+        "#!/bin/bash", "#SBATCH --job-name=sweep_config.py-lr=0.03",
+        f"#SBATCH --output={point_dir}/log.txt", "#SBATCH --open-mode=append",
+        "#SBATCH --partition=gpu", "#SBATCH --gres=gpu:8", "#SBATCH -t 1:00:00",
+        "#SBATCH --nodes=2"]
+    srun = next(line for line in lines if line.startswith("srun "))
+    assert srun.split() == ["srun", sys.executable, "-m", "vistax.launch.cli", "train",
+                            f"--config={tmp_path}/sweep_config.py", "--config.steps=3",
+                            "--config.lr=0.03", f"--workdir={point_dir}", "--distributed=auto"]
+    with open(paths[-1], encoding="utf-8") as f:
+        submit = f.read()
+    assert "sbatch lr=0.01.sbatch\nsbatch lr=0.03.sbatch\n" in submit
+    assert all(os.access(p, os.X_OK) for p in paths)
+    assert sorted(os.listdir(point_dir)) == []  # created for Slurm's log, nothing run
+
+    # The script, with a stand-in srun that fails, appends its launch to sweep_runs.jsonl.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\necho \"srun $*\"\nexit 3\n")
+    os.chmod(bin_dir / "srun", 0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    result = subprocess.run(["bash", paths[1]], env=env, capture_output=True, text=True)
+    assert result.returncode == 3 and "srun " in result.stdout, explain(result)
+    (run,) = sweep.read_runs(point_dir)
+    assert run["exit_code"] == 3 and run["config_sha"] == planned.points[1].config_sha
+    assert run["launcher"] == "slurm" and run["wall_s"] >= 0
+    assert [r.status for r in sweep.collect(planned, sweep_dir)] == [
+        "not run", "failed (exit 3)"]
+
+
+def test_emit_shell_writes_plain_scripts(tmp_path):
+    planned = sweep.plan(write_config(tmp_path))
+    sweep_dir = str(tmp_path / "S")
+    paths = sweep.emit_jobs(planned, sweep_dir, "shell")
+    assert [os.path.basename(p) for p in paths] == ["lr=0.01.sh", "lr=0.03.sh", "run_all.sh"]
+    with open(paths[0], encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    assert lines[0] == "#!/bin/bash" and lines[-1].startswith("exec ")
+    assert lines[-1].split()[1:] == [
+        sys.executable, "-m", "vistax.launch.cli", "train", f"--config={tmp_path}/sweep_config.py",
+        "--config.lr=0.01", f"--workdir={sweep_dir}/lr=0.01", "--distributed=auto", '"$@"']
+    with open(paths[-1], encoding="utf-8") as f:
+        assert 'bash lr=0.01.sh "$@" || failed=1\nbash lr=0.03.sh "$@" || failed=1\n' in f.read()
+
+
+# ---- local runs -----------------------------------------------------------------------------
+
+def test_run_points_in_parallel_reports_failures_and_skips_finished(tmp_path, monkeypatch):
+    planned = sweep.plan(write_config(tmp_path, points=tuple(
+        {"lr": lr} for lr in (0.01, 0.03, 0.1))))
+    sweep_dir = str(tmp_path / "S")
+
+    def stand_in(_, point, sweep_dir, **kwargs):  # "trains" by writing the metric; lr=0.03 fails
+        code = 2 if point.config.lr == 0.03 else 0
+        line = json.dumps({"step": 4, "eval/test/accuracy": point.config.lr})
+        return [sys.executable, "-c", "import os, sys; print('training', sys.argv[1]); "
+                f"open(os.path.join(sys.argv[1], 'metrics.jsonl'), 'a').write({line!r} + '\\n'); "
+                f"sys.exit({code})", sweep.point_dir(sweep_dir, point)]
+
+    monkeypatch.setattr(sweep, "train_command", stand_in)
+    out = io.StringIO()
+    status = sweep.main(planned.config_arg, {}, sweep_dir, parallel=2, stream=out)
+    assert status == 1
+    text = out.getvalue()
+    failed_log = os.path.join(sweep_dir, "lr=0.03", "log.txt")
+    assert "lr=0.03: FAILED (exit 2) after" in text and f"log {failed_log}" in text
+    assert f"point lr=0.03 failed (exit 2); log {failed_log}" in text
+    assert f"[lr=0.1] training {sweep_dir}/lr=0.1" in text
+    with open(failed_log, encoding="utf-8") as f:
+        log = f.read().splitlines()
+    assert log[0].startswith("# vistax sweep, ") and log[1] == f"training {sweep_dir}/lr=0.03"
+    rows = read_csv(os.path.join(sweep_dir, "results.csv"))
+    assert [(r["eval/test/accuracy"], r["status"]) for r in rows] == [
+        ("0.01", "ok"), ("", "failed (exit 2)"), ("0.1", "ok")]
+
+    # Again: the finished points are skipped, the failed one is launched again.
+    codes = sweep.run_points(planned, sweep_dir, stream=io.StringIO())
+    assert codes == {"lr=0.01": None, "lr=0.1": None, "lr=0.03": 2}
+    assert [len(sweep.read_runs(sweep.point_dir(sweep_dir, p))) for p in planned.points] == \
+        [1, 2, 1]
+
+
+def test_cli_sweep_errors_before_any_work(tmp_path):
+    plain = tmp_path / "plain.py"
+    plain.write_text("import ml_collections\n\ndef get_config(arg=None):\n"
+                     "    return ml_collections.ConfigDict(dict(lr=0.1))\n")
+    result = vistax("sweep", f"--config={plain}", "--workdir=S", cwd=str(tmp_path))
+    assert result.returncode == 1
+    assert "FATAL vistax sweep: " in result.stderr and "has no `sweep` entry" in result.stderr, \
+        explain(result)
+    config = write_config(tmp_path)
+    both = vistax("sweep", f"--config={config}", "--workdir=S", "--emit=slurm", "--collect_only",
+                  cwd=str(tmp_path))
+    assert both.returncode != 0 and "pass one of them" in both.stderr, explain(both)
+    swept = vistax("sweep", f"--config={config}", "--config.lr=0.5", "--workdir=S",
+                   cwd=str(tmp_path))
+    assert swept.returncode == 1 and "--config.lr overrides 'lr'" in swept.stderr, explain(swept)
+    assert not (tmp_path / "S").exists()
+
+
+# ---- end to end -----------------------------------------------------------------------------
+
+E2E_CONFIG = """
+import ml_collections
+from vistax.configs import vit
+
+def get_config(arg=None):
+    c = vit.get_config("tiny")
+    c.input.data_dir = {data_dir!r}
+    c.input.batch_size = 32
+    c.model.update(dict(depth=1, width=32, mlp_dim=64, num_heads=2, patch_size=8))
+    c.duration = "6 steps"
+    c.schedule.warmup = "1 steps"
+    c.log_every = "3 steps"
+    c.checkpoint.every = "6 steps"
+    c.evals.test.every = "6 steps"
+    c.peak_flops_per_device = 1e12  # skips the start-up CPU benchmark
+    c.progress = "lines"
+    c.sweep = ml_collections.ConfigDict(dict(
+        metric="eval/test/accuracy", x="schedule.base_lr", name="tiny ViT lr",
+        points=({{"schedule.base_lr": 1e-3}}, {{"schedule.base_lr": 3e-3}})))
+    return c
+"""
+
+
+def test_sweep_end_to_end_then_skips_finished_points(tmp_path, data_dir):
+    (tmp_path / "lr_sweep.py").write_text(E2E_CONFIG.format(data_dir=data_dir))
+    args = ["sweep", "--config=lr_sweep.py", "--workdir=S"]
+    result = vistax(*args, cwd=str(tmp_path))
+    assert result.returncode == 0, explain(result)
+    sweep_dir = tmp_path / "S"
+    names = ["schedule.base_lr=0.001", "schedule.base_lr=0.003"]
+    rows = read_csv(sweep_dir / "results.csv")
+    assert [r["point"] for r in rows] == names
+    assert [r["schedule.base_lr"] for r in rows] == ["0.001", "0.003"]
+    for row in rows:
+        assert row["status"] == "ok" and row["step"] == "6" and float(row["wall_s"]) > 0
+        assert 0.0 <= float(row["eval/test/accuracy"]) <= 1.0
+    _assert_png(sweep_dir / "results.png")
+    metrics = {}
+    for name in names:
+        with open(sweep_dir / name / "config.json", encoding="utf-8") as f:
+            assert json.load(f)["schedule"]["base_lr"] == float(name.split("=")[1])
+        assert os.listdir(sweep_dir / name / "checkpoints") == ["6"]
+        assert "step 6: eval/test/accuracy=" in (sweep_dir / name / "log.txt").read_text()
+        metrics[name] = (sweep_dir / name / "metrics.jsonl").read_text()
+
+    start = time.perf_counter()
+    again = vistax(*args, cwd=str(tmp_path))
+    assert again.returncode == 0, explain(again)
+    assert again.stdout.count("finished earlier with this config; skipped") == 2
+    assert time.perf_counter() - start < 20  # no jax process started
+    for name in names:
+        assert (sweep_dir / name / "metrics.jsonl").read_text() == metrics[name]
+        assert len(sweep.read_runs(str(sweep_dir / name))) == 1
+    assert read_csv(sweep_dir / "results.csv") == rows
