@@ -6,7 +6,7 @@ The encoder's weights are loaded by name from the MAE run (`init=<its workdir>`:
 0.75, batch 1024, 5 warmup epochs, cosine, 100 epochs for ViT-B and 50 for L/H, label smoothing
 0.1, mixup 0.8, cutmix 1.0, drop path 0.1. Not in our pp ops yet, so not in these presets:
 RandAugment (9, 0.5) and random erasing 0.25. The reference pools by global averaging with an
-extra LayerNorm; we keep the pretrained cls token (the paper finds both work alike, App. A.2)
+extra LayerNorm; we keep the pretrained cls token (the paper finds both work alike, App. A.1)
 and the fixed sin-cos positions of pretraining.
 
 Presets: tiny (digits, after configs/mae.py:tiny), B/16, L/16, H/14.

@@ -91,6 +91,14 @@ def require(cfg, name: str, keys: tuple[str, ...]) -> None:
         raise ValueError(f"evals.{name} lacks {', '.join(f'evals.{name}.{k}' for k in missing)}.")
 
 
+def require_image_and_label(key: str, pp: str, example: dict) -> None:
+    """Errors naming `key` unless the pp's example has `image` and an integer scalar `label`."""
+    label = np.asarray(example.get("label", ""))
+    if "image" not in example or label.dtype.kind not in "iu" or label.ndim:
+        raise ValueError(f"{key}={pp!r} must yield 'image' and an integer scalar 'label'; it "
+                         f"gives {sorted(example)}.")
+
+
 def encoder(ctx: EvalContext, name: str, cfg, key: str, default: str) -> Callable:
     """The objective's encoder named by `evals.<name>.<key>` (default `default`)."""
     encoder_name = cfg.get(key, default)

@@ -9,7 +9,7 @@ in any statistic, loss or vote, and are never neighbours.
 
 - `linear_probe`: features go through a BatchNorm without affine parameters that uses the
   train split's per-dimension mean and (biased) variance, eps 1e-6, as MAE's linear probe does
-  (He et al. 2021, Appendix A.2), then multinomial logistic regression (a linear layer, softmax
+  (He et al. 2021, Appendix A.1), then multinomial logistic regression (a linear layer, softmax
   cross-entropy, L2 weight decay on the weights, not the bias) is fitted full batch on the
   whole train split, on device, in one jitted `while_loop`. The optimiser is optax's L-BFGS
   with its zoom line search: the problem is smooth and convex, so a quasi-Newton method with
@@ -41,11 +41,12 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from vistax.evals.base import Evaluator, embed_split, encoder, require, to_host
+from vistax.evals.base import (Evaluator, embed_split, encoder, require, require_image_and_label,
+                               to_host)
 from vistax.models.layers import l2_normalize
 
 HIGHEST = jax.lax.Precision.HIGHEST
-BATCHNORM_EPS = 1e-6  # MAE's linear probe BatchNorm (He et al. 2021, Appendix A.2)
+BATCHNORM_EPS = 1e-6  # MAE's linear probe BatchNorm (He et al. 2021, Appendix A.1)
 GRAD_TOL = 1e-6  # L-BFGS stops once the loss's gradient norm is below this
 FLOAT_TOL = 1e-7  # ... or once a step lowers the loss by less than this, relatively
 DEFAULT_WEIGHT_DECAY = 1e-5  # of weight_decay / 2 * |w|^2 added to the mean cross-entropy
@@ -98,7 +99,7 @@ def batchnorm_stats(features: jax.Array, mask: jax.Array) -> tuple[jax.Array, ja
 
 
 def batchnorm(features: jax.Array, mean: jax.Array, var: jax.Array) -> jax.Array:
-    """BatchNorm without affine parameters (MAE, He et al. 2021, Appendix A.2)."""
+    """BatchNorm without affine parameters (MAE, He et al. 2021, Appendix A.1)."""
     return (features.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + BATCHNORM_EPS)
 
 
@@ -309,10 +310,7 @@ class _FrozenFeatureEvaluator(Evaluator):
 
     def check(self, example):
         key = f"evals.{self.name}.pp"
-        label = np.asarray(example.get("label", ""))
-        if "image" not in example or label.dtype.kind not in "iu" or label.ndim:
-            raise ValueError(f"{key}={self.cfg.pp!r} must yield 'image' and an integer scalar "
-                             f"'label'; it gives {sorted(example)}.")
+        require_image_and_label(key, self.cfg.pp, example)
         out = self._embed.check(key, example, self.cfg.batch_size)
         if out["features"].ndim != 2:
             raise ValueError(f"evals.{self.name}.encoder={self.cfg.get('encoder', 'features')!r} "

@@ -5,7 +5,10 @@ Images are the first `num_images` of a split plus, optionally, photos that ship 
 scikit-image (`photos`, e.g. ("astronaut", "coffee", "chelsea")), which go through `photo_pp`
 (default: `pp`; it must resize them to the model's size). Each run writes
 `<workdir>/reconstructions/<name>_<step>.png` (process 0; never over an existing file) and
-reports the mean squared error over hidden pixels, in the value space of the pp.
+reports the mean squared error over hidden pixels, in the value space of the pp. With
+normalised-pixel targets the objective maps predictions back with each hidden patch's true mean
+and variance, so that error is not comparable with a raw-pixel model's (see
+train/objectives/mae.py); the training loss is the comparable figure.
 
 Keys: dataset, split, pp, batch_size (global; the images are taken from the first batch),
 num_images (default 8), photos (default ()), photo_pp, value_range (the pp's output range,
@@ -69,10 +72,12 @@ class ReconstructionEvaluator(Evaluator):
         self.cell_size = int(cfg.get("cell_size", 96))
         reconstruct = encoder(ctx, name, cfg, "encoder", "reconstruction")
 
-        def outputs(model, extra, batch):
+        rows = max(self.num_images, len(self.photos))
+
+        def outputs(model, extra, batch):  # only the rows drawn come back to the host
             out = reconstruct(model, extra, batch)
-            return {"image": batch["image"].astype(jnp.float32), "pred": out["pred"],
-                    "mask": out["mask"]}
+            return {"image": batch["image"][:rows].astype(jnp.float32),
+                    "pred": out["pred"][:rows], "mask": out["mask"][:rows]}
 
         self._outputs = ctx.compile(outputs)
         self._photo_examples = None
@@ -121,10 +126,14 @@ class ReconstructionEvaluator(Evaluator):
         """Picture rows for the first `count` images, and the MSE over their hidden pixels."""
         images, pred, mask = out["image"][:count], out["pred"][:count], out["mask"][:count]
         _, h, w, c = images.shape
-        p = int(round(np.sqrt(h * w / mask.shape[1])))  # square patches tile the image
+        p = int(np.sqrt(pred.shape[-1] // c))
+        if p * p * c != pred.shape[-1] or (h // p) * (w // p) != mask.shape[1]:
+            raise ValueError(f"evals.{self.name}: predictions {pred.shape} do not tile images "
+                             f"{images.shape[1:]} into square patches.")
         recon = np.asarray(unpatchify(pred, p, (h // p, w // p)))
         hidden = np.repeat(np.repeat(mask.reshape(count, h // p, w // p), p, 1), p, 2)[..., None]
-        fill = self.mean_std[0] if self.mean_std is not None else sum(self.value_range) / 2
+        # Hidden patches show the middle grey of the display range (the mean after `normalize`).
+        fill = 0.0 if self.mean_std is not None else sum(self.value_range) / 2
         masked = np.where(hidden > 0, np.asarray(fill, np.float32), images)
         pasted = np.where(hidden > 0, recon, images)
         mse = float(np.sum(np.square(recon - images) * hidden) / max(np.sum(hidden) * c, 1))

@@ -18,7 +18,7 @@ import numpy as np
 
 from vistax.data import pipeline
 from vistax.evals import templates as templates_lib
-from vistax.evals.base import Evaluator, encoder, require, to_host
+from vistax.evals.base import Evaluator, encoder, require, require_image_and_label, to_host
 from vistax.models.layers import l2_normalize
 
 
@@ -102,10 +102,7 @@ class ZeroShotEvaluator(Evaluator):
 
     def check(self, example):
         key = f"evals.{self.name}.pp"
-        label = np.asarray(example.get("label", ""))
-        if "image" not in example or label.dtype.kind not in "iu" or label.ndim:
-            raise ValueError(f"{key}={self.cfg.pp!r} must yield 'image' and an integer scalar "
-                             f"'label'; it gives {sorted(example)}.")
+        require_image_and_label(key, self.cfg.pp, example)
         batch_size = self.cfg.batch_size
         image = self._embed_image.check(key, example, batch_size)
         text = self._embed_text.check(f"evals.{self.name}.text_length",

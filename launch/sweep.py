@@ -384,9 +384,22 @@ class _Console:
             self.stream.flush()
 
 
+def trained_with_another_config(sweep_dir: str, point: Point) -> bool:
+    """Whether the point's directory was last launched with a different config: resuming it
+    would continue (or, finished, just report) a run of the old config."""
+    runs = read_runs(point_dir(sweep_dir, point))
+    return bool(runs) and runs[-1].get("config_sha") != point.config_sha
+
+
 def _run_point(sweep: Sweep, point: Point, sweep_dir: str, console: _Console) -> int:
-    """Trains one point; its output goes to its log.txt and the console. Returns the exit code."""
+    """Trains one point; its output goes to its log.txt and the console. Returns the exit code
+    (2 without launching when the directory holds a run of another config)."""
     directory = point_dir(sweep_dir, point)
+    if trained_with_another_config(sweep_dir, point):
+        console.say(f"{point.name}: FAILED: {directory} holds a run of a different config "
+                    "(the config file or the --config.* flags changed since); use a new sweep "
+                    "directory, or remove that point's directory to train it again")
+        return 2
     os.makedirs(directory, exist_ok=True)
     command = train_command(sweep, point, sweep_dir)
     log_path = os.path.join(directory, LOG_FILE)
@@ -554,7 +567,9 @@ def collect(sweep: Sweep, sweep_dir: str) -> list[Result]:
         found = read_metric(metrics_path, sweep.metric)
         wall = sum(run.get("wall_s", 0.0) for run in runs) if runs else None
         exit_code = runs[-1].get("exit_code") if runs else 0
-        if exit_code != 0:
+        if runs and runs[-1].get("config_sha") != point.config_sha:
+            status, found = "stale (trained with another config)", None
+        elif exit_code != 0:
             status, found = f"failed (exit {exit_code})", None
         elif found is not None:
             status = "ok"

@@ -31,7 +31,7 @@ NORM_PIX_EPS = 1e-6  # the reference adds it to the patch variance before the sq
 class MAEConfig:
     encoder: vit.ViTConfig
     mask_ratio: float = 0.75  # Fig. 5: 75% is best for fine-tuning and linear probing
-    norm_pix_loss: bool = True  # Table 1d: normalised pixels beat raw pixels (84.9 vs 84.3 ft)
+    norm_pix_loss: bool = True  # Table 1d: 85.4 vs 84.9 fine-tuned, 73.9 vs 73.5 linear
     decoder_width: int = 512  # Table 1b
     decoder_depth: int = 8  # Table 1a
     decoder_heads: int = 16
@@ -44,6 +44,15 @@ class MAEConfig:
         if encoder.num_classes:
             raise ValueError(f"model.num_classes={encoder.num_classes}: the MAE encoder has no "
                              "classification head; set it to 0.")
+        # MAE trains the encoder's tokens only: a MAP head, pre-logits or head norm would get no
+        # gradient (and decay away) while the `features` evaluators read through them.
+        if encoder.pool not in ("cls", "gap"):
+            raise ValueError(f"model.pool={encoder.pool!r}: the MAE encoder pools with 'cls' or "
+                             "'gap' (a 'map' head would not be trained by the reconstruction).")
+        if encoder.representation_size or encoder.head_norm != "none":
+            raise ValueError(f"model.representation_size={encoder.representation_size}, "
+                             f"model.head_norm={encoder.head_norm!r}: the MAE encoder has no "
+                             "head; set them to 0 and 'none'.")
         fields = {f.name for f in dataclasses.fields(cls)} - {"encoder"}
         unknown = sorted(set(mae) - fields)
         if unknown:
@@ -170,8 +179,13 @@ class MAE(nnx.Module):
         `rng` draws the mask (and, with `train`, dropout / drop path in the encoder).
         """
         cfg = self.cfg
+        if tuple(images.shape[1:3]) != (cfg.encoder.image_size,) * 2:
+            raise ValueError(f"MAE built for model.image_size={cfg.encoder.image_size} got images "
+                             f"of shape {tuple(images.shape)}.")
         ratio = cfg.mask_ratio if mask_ratio is None else mask_ratio
         num_keep = int(cfg.num_patches * (1 - ratio))
+        if not 1 <= num_keep <= cfg.num_patches:
+            raise ValueError(f"mask ratio {ratio} keeps {num_keep} of {cfg.num_patches} patches.")
         k_mask, k_model = jax.random.split(rng)
         ids_keep, mask, ids_restore = random_masking(k_mask, images.shape[0], cfg.num_patches,
                                                      num_keep)

@@ -71,8 +71,9 @@ class ViTConfig:
     dropout: float = 0.0
     drop_path: float = 0.0  # maximum rate; rises linearly with depth (DeiT, Huang et al. 2016)
     head_zero_init: bool = True  # big_vision: a zero head starts at uniform predictions
+    head_init_std: float = 0.0  # > 0: truncated normal head instead (MAE's probe: 0.01)
     # "batchnorm": BatchNorm without affine parameters before the head, the linear probe of MAE
-    # (He et al. 2021, App. A.2); batch statistics when training, running averages otherwise.
+    # (He et al. 2021, App. A.1); batch statistics when training, running averages otherwise.
     head_norm: str = "none"
     layernorm_eps: float = 1e-6
     qkv_bias: bool = True
@@ -98,6 +99,8 @@ class ViTConfig:
         if self.width % self.num_heads:
             raise ValueError(f"ViT width {self.width} is not divisible by num_heads={self.num_heads}.")
         layers.check_activation(self.activation)
+        if self.head_init_std < 0:
+            raise ValueError(f"model.head_init_std={self.head_init_std} must be >= 0.")
         if not 0.0 <= self.drop_path < 1.0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.drop_path={self.drop_path} and model.dropout={self.dropout} "
                              "must lie in [0, 1).")
@@ -166,11 +169,16 @@ class ViT(nnx.Module):
         head_in = rep or d
         # PyTorch BatchNorm1d defaults (momentum 0.1 there is 0.9 here); eps 1e-6 as MAE's probe.
         self.head_norm = (nnx.BatchNorm(head_in, use_bias=False, use_scale=False, epsilon=1e-6,
-                                        momentum=0.9, dtype=jnp.float32, rngs=rngs)
+                                        momentum=0.9, use_fast_variance=False,
+                                        dtype=jnp.float32, rngs=rngs)
                           if cfg.head_norm == "batchnorm" else None)
         if cfg.num_classes:
-            init = (jax.nn.initializers.zeros if cfg.head_zero_init
-                    else jax.nn.initializers.xavier_uniform())
+            if cfg.head_init_std > 0:
+                init = jax.nn.initializers.truncated_normal(cfg.head_init_std)
+            elif cfg.head_zero_init:
+                init = jax.nn.initializers.zeros
+            else:
+                init = jax.nn.initializers.xavier_uniform()
             self.head = layers.Dense(head_in, cfg.num_classes, ("embed", "classes"), rngs=rngs,
                                      kernel_init=init, dtype=dtype, param_dtype=param_dtype)
         else:

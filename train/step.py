@@ -36,9 +36,9 @@ def make_train_step(objective: Objective, graphdef, optimizer: Optimizer, *, acc
     """Builds step(state, batch) for `objective` with gradient accumulation over `accum_steps`."""
 
     def loss_fn(params, model_state, extra, batch, rng):
-        # Frozen parameters (param_groups.freeze) are constants to the gradient, so XLA drops
-        # the backward pass that only they need (a frozen backbone under a linear probe costs a
-        # forward pass).
+        # Frozen parameters (param_groups.freeze) are constants to the gradient: the backward
+        # pass that only they need is never built (XLA would also drop it as dead code, since
+        # their gradients feed nothing), so a frozen backbone under a probe costs its forward.
         params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params,
                               optimizer.trainable)
         # copy=True: fresh Variables of this trace, so BatchNorm statistics can be updated here.

@@ -51,3 +51,19 @@ def test_config_errors_name_the_key():
         make(num_images=9)
     with pytest.raises(ValueError, match=r"evals\.pictures\.value_range"):
         make(value_range=(1.0, -1.0))
+
+
+def test_normalized_images_are_shown_in_pixel_space():
+    """With `mean_std` (after a normalize op), hidden patches show the mean colour and pixels
+    are un-normalised for display."""
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)
+    evaluator = make(mean_std=(mean, std))
+    images = np.zeros((1, 16, 16, 3), np.float32)  # normalised zeros = the mean colour
+    mask = np.asarray([[1.0, 0.0, 0.0, 0.0]], np.float32)
+    pred = np.asarray(mae.patchify(jnp.asarray(images), 8))
+    rows, mse = evaluator._rows({"image": images, "pred": pred, "mask": mask}, 1)
+    assert mse == 0.0
+    _, masked, _, _ = np.split(rows[0], 4, axis=1)
+    expected = np.round(np.asarray(mean) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(masked[2:-2, 2:-2][:16, :16].reshape(-1, 3),
+                                  np.broadcast_to(expected, (256, 3)))

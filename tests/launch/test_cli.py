@@ -6,8 +6,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,8 +15,6 @@ from vistax.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "configs", "vit.py")
-_SCRIPT = os.path.join(os.path.dirname(sys.executable), "vistax")
-VISTAX = [_SCRIPT] if os.path.exists(_SCRIPT) else [sys.executable, "-m", "vistax.launch.cli"]
 
 # 3 steps of the tiny preset with a 1-block ViT: log every step, evaluate and save at step 3.
 # A configured peak skips the start-up CPU matmul benchmark.
@@ -28,36 +24,25 @@ TRAIN_FLAGS = ["--config.duration=3 steps", "--config.schedule.warmup=1 steps",
                "--config.peak_flops_per_device=1e12"]
 
 
-def vistax(*args, cwd, timeout=300):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    return subprocess.run(VISTAX + list(args), cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def explain(result) -> str:
-    return f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
-
-
 def read_metrics(workdir) -> list[dict]:
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
-def trained(data_dir, tmp_path_factory):
+def trained(data_dir, tmp_path_factory, cli):
     """(cwd, workdir, result) of one short `vistax train` run."""
     cwd = str(tmp_path_factory.mktemp("cli"))
-    result = vistax("train", f"--config={CONFIG}:tiny", f"--config.input.data_dir={data_dir}",
-                    *TRAIN_FLAGS, "--workdir=W", cwd=cwd)
-    assert result.returncode == 0, explain(result)
+    result = cli.run("train", f"--config={CONFIG}:tiny", f"--config.input.data_dir={data_dir}",
+                     *TRAIN_FLAGS, "--workdir=W", cwd=cwd)
+    assert result.returncode == 0, cli.explain(result)
     return cwd, os.path.join(cwd, "W"), result
 
 
-def test_usage_without_command(tmp_path):
+def test_usage_without_command(tmp_path, cli):
     for args in ((), ("bogus",)):
-        result = vistax(*args, cwd=str(tmp_path))
-        assert result.returncode == 2, explain(result)
+        result = cli.run(*args, cwd=str(tmp_path))
+        assert result.returncode == 2, cli.explain(result)
         assert "usage: vistax <command>" in result.stderr
         for command in ("train", "eval", "prepare"):
             assert f"\n  {command} " in result.stderr
@@ -94,13 +79,13 @@ def test_train_writes_metrics_tensorboard_checkpoint_and_config(trained):
     assert "3 steps of 128 examples on 8 cpu devices" in result.stdout + result.stderr
 
 
-def test_rerun_resumes_at_final_step_without_new_work(trained, data_dir):
+def test_rerun_resumes_at_final_step_without_new_work(trained, data_dir, cli):
     cwd, workdir, _ = trained
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
         before = f.read()
-    result = vistax("train", f"--config={CONFIG}:tiny", f"--config.input.data_dir={data_dir}",
-                    *TRAIN_FLAGS, "--workdir=W", cwd=cwd)
-    assert result.returncode == 0, explain(result)
+    result = cli.run("train", f"--config={CONFIG}:tiny", f"--config.input.data_dir={data_dir}",
+                     *TRAIN_FLAGS, "--workdir=W", cwd=cwd)
+    assert result.returncode == 0, cli.explain(result)
     assert "resumed from step 3" in result.stdout + result.stderr
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
         assert f.read() == before  # neither truncated nor appended to
@@ -108,12 +93,12 @@ def test_rerun_resumes_at_final_step_without_new_work(trained, data_dir):
     assert not os.path.exists(os.path.join(workdir, "config.1.json"))  # same config: no copy
 
 
-def test_eval_reproduces_the_accuracy_logged_in_training(trained, data_dir):
+def test_eval_reproduces_the_accuracy_logged_in_training(trained, data_dir, cli):
     cwd, workdir, _ = trained
     logged = [line for line in read_metrics(workdir) if "eval/test/accuracy" in line][0]
-    result = vistax("eval", f"--config={CONFIG}:tiny", f"--config.input.data_dir={data_dir}",
-                    "--config.model.depth=1", "--workdir=W", cwd=cwd)
-    assert result.returncode == 0, explain(result)
+    result = cli.run("eval", f"--config={CONFIG}:tiny", f"--config.input.data_dir={data_dir}",
+                     "--config.model.depth=1", "--workdir=W", cwd=cwd)
+    assert result.returncode == 0, cli.explain(result)
     printed = dict(line.split(" = ") for line in result.stdout.splitlines() if " = " in line)
     assert float(printed["eval/test/accuracy"]) == float(f"{logged['eval/test/accuracy']:.6g}")
     last = read_metrics(workdir)[-1]
@@ -124,16 +109,16 @@ def test_eval_reproduces_the_accuracy_logged_in_training(trained, data_dir):
         assert last[key] == logged[key], key
 
 
-def test_eval_without_checkpoint_fails(tmp_path, data_dir):
+def test_eval_without_checkpoint_fails(tmp_path, data_dir, cli):
     (tmp_path / "empty").mkdir()
-    result = vistax("eval", f"--config={CONFIG}:tiny", f"--config.input.data_dir={data_dir}",
-                    "--workdir=empty", cwd=str(tmp_path))
+    result = cli.run("eval", f"--config={CONFIG}:tiny", f"--config.input.data_dir={data_dir}",
+                     "--workdir=empty", cwd=str(tmp_path))
     assert result.returncode != 0
-    assert "No checkpoint in" in result.stderr, explain(result)
+    assert "No checkpoint in" in result.stderr, cli.explain(result)
     assert os.listdir(tmp_path / "empty") == []  # evaluation creates nothing
-    typo = vistax("eval", f"--config={CONFIG}:tiny", f"--config.input.data_dir={data_dir}",
-                  "--workdir=typo", cwd=str(tmp_path))
-    assert typo.returncode != 0 and "No checkpoint in" in typo.stderr, explain(typo)
+    typo = cli.run("eval", f"--config={CONFIG}:tiny", f"--config.input.data_dir={data_dir}",
+                   "--workdir=typo", cwd=str(tmp_path))
+    assert typo.returncode != 0 and "No checkpoint in" in typo.stderr, cli.explain(typo)
     assert not (tmp_path / "typo").exists()
 
 
@@ -152,16 +137,16 @@ def test_eval_without_checkpoint_fails(tmp_path, data_dir):
                                               "do not fit objective 'classification'"]),
 ], ids=["unknown-key", "wrong-type", "batch-not-divisible", "unknown-option", "unknown-preset",
         "eval-batch-not-divisible", "unknown-pp-op", "unknown-eval-split", "pp-does-not-fit"])
-def test_bad_config_fails_before_any_work(tmp_path, data_dir, args, expected):
+def test_bad_config_fails_before_any_work(tmp_path, data_dir, args, expected, cli):
     config = f"--config={CONFIG}:tiny"
     if args[0].startswith(":"):
         config = f"--config={CONFIG}{args[0]}" if "=" not in args[0] else f"{config},{args[0][1:]}"
         args = []
-    result = vistax("train", config, f"--config.input.data_dir={data_dir}", *args,
-                    "--workdir=W", cwd=str(tmp_path))
+    result = cli.run("train", config, f"--config.input.data_dir={data_dir}", *args,
+                     "--workdir=W", cwd=str(tmp_path))
     assert result.returncode != 0
     for text in expected:
-        assert text in result.stderr, explain(result)
+        assert text in result.stderr, cli.explain(result)
     assert os.listdir(tmp_path) == []  # no workdir, nothing else written
 
 
@@ -175,7 +160,7 @@ def _png(path, seed, size=(12, 10)):
     return buffer.getvalue()
 
 
-def test_prepare_class_folders(tmp_path):
+def test_prepare_class_folders(tmp_path, cli):
     images = tmp_path / "images"
     for i in range(3):
         _png(str(images / "cat" / f"{i}.png"), i)
@@ -185,8 +170,8 @@ def test_prepare_class_folders(tmp_path):
     with open(images / "dog" / "broken.png", "wb") as f:
         f.write(data[: len(data) // 2])
     out = tmp_path / "prepared"
-    result = vistax("prepare", f"--input={images}", f"--output={out}", cwd=str(tmp_path))
-    assert result.returncode == 0, explain(result)
+    result = cli.run("prepare", f"--input={images}", f"--output={out}", cwd=str(tmp_path))
+    assert result.returncode == 0, cli.explain(result)
     assert f"wrote 5 examples (train: 5) to {out}" in result.stdout
     assert "skipped 1" in result.stdout and "broken.png" in result.stdout
     info = pipeline.dataset_info(str(out))
@@ -194,7 +179,7 @@ def test_prepare_class_folders(tmp_path):
     assert info.class_names == ["cat", "dog"]
     assert {"image", "label", "file_name"} <= set(info.features)
     # A second run refuses to replace the output.
-    again = vistax("prepare", f"--input={images}", f"--output={out}", cwd=str(tmp_path))
+    again = cli.run("prepare", f"--input={images}", f"--output={out}", cwd=str(tmp_path))
     assert again.returncode != 0 and "already exists" in again.stderr
     shutil.rmtree(images)
     assert pipeline.dataset_info(str(out)).num_examples == {"train": 5}

@@ -15,8 +15,6 @@ from PIL import Image
 
 from vistax.launch import sweep
 
-_SCRIPT = os.path.join(os.path.dirname(sys.executable), "vistax")
-VISTAX = [_SCRIPT] if os.path.exists(_SCRIPT) else [sys.executable, "-m", "vistax.launch.cli"]
 
 # A config with one key of each overridable kind, and a sweep over `lr`.
 SMALL_CONFIG = """
@@ -43,18 +41,6 @@ def write_config(tmp_path, name="sweep_config.py", **spec) -> str:
     path = tmp_path / name
     path.write_text(SMALL_CONFIG.replace("{SWEEP}", repr(spec)))
     return str(path)
-
-
-def vistax(*args, cwd, timeout=300):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    return subprocess.run(VISTAX + list(args), cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def explain(result) -> str:
-    return (f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\n"
-            f"stderr:\n{result.stderr[-3000:]}")
 
 
 def write_lines(path, rows) -> None:
@@ -239,7 +225,7 @@ def test_plots_numeric_categorical_and_empty(four_points, tmp_path):
 
 # ---- job scripts ----------------------------------------------------------------------------
 
-def test_emit_slurm_writes_scripts_that_record_their_launch(tmp_path):
+def test_emit_slurm_writes_scripts_that_record_their_launch(tmp_path, cli):
     planned = sweep.plan(write_config(tmp_path), {"steps": 3})
     sweep_dir = str(tmp_path / "S")
     paths = sweep.emit_jobs(planned, sweep_dir, "slurm",
@@ -273,7 +259,7 @@ def test_emit_slurm_writes_scripts_that_record_their_launch(tmp_path):
     os.chmod(bin_dir / "srun", 0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
     result = subprocess.run(["bash", paths[1]], env=env, capture_output=True, text=True)
-    assert result.returncode == 3 and "srun " in result.stdout, explain(result)
+    assert result.returncode == 3 and "srun " in result.stdout, cli.explain(result)
     (run,) = sweep.read_runs(point_dir)
     assert run["exit_code"] == 3 and run["config_sha"] == planned.points[1].config_sha
     assert run["launcher"] == "slurm" and run["wall_s"] >= 0
@@ -332,22 +318,33 @@ def test_run_points_in_parallel_reports_failures_and_skips_finished(tmp_path, mo
     assert [len(sweep.read_runs(sweep.point_dir(sweep_dir, p))) for p in planned.points] == \
         [1, 2, 1]
 
+    # The config changed (here by a --config.* flag): the old runs are neither resumed nor
+    # reported as results of the new config.
+    changed = sweep.plan(planned.config_arg, {"steps": 20})
+    out = io.StringIO()
+    codes = sweep.run_points(changed, sweep_dir, stream=out)
+    assert codes == {"lr=0.01": 2, "lr=0.03": 2, "lr=0.1": 2}
+    assert "holds a run of a different config" in out.getvalue()
+    assert {r.status for r in sweep.collect(changed, sweep_dir)} == {
+        "stale (trained with another config)"}
 
-def test_cli_sweep_errors_before_any_work(tmp_path):
+
+def test_cli_sweep_errors_before_any_work(tmp_path, cli):
     plain = tmp_path / "plain.py"
     plain.write_text("import ml_collections\n\ndef get_config(arg=None):\n"
                      "    return ml_collections.ConfigDict(dict(lr=0.1))\n")
-    result = vistax("sweep", f"--config={plain}", "--workdir=S", cwd=str(tmp_path))
+    result = cli.run("sweep", f"--config={plain}", "--workdir=S", cwd=str(tmp_path))
     assert result.returncode == 1
     assert "FATAL vistax sweep: " in result.stderr and "has no `sweep` entry" in result.stderr, \
-        explain(result)
+        cli.explain(result)
     config = write_config(tmp_path)
-    both = vistax("sweep", f"--config={config}", "--workdir=S", "--emit=slurm", "--collect_only",
-                  cwd=str(tmp_path))
-    assert both.returncode != 0 and "pass one of them" in both.stderr, explain(both)
-    swept = vistax("sweep", f"--config={config}", "--config.lr=0.5", "--workdir=S",
+    both = cli.run("sweep", f"--config={config}", "--workdir=S", "--emit=slurm", "--collect_only",
                    cwd=str(tmp_path))
-    assert swept.returncode == 1 and "--config.lr overrides 'lr'" in swept.stderr, explain(swept)
+    assert both.returncode != 0 and "pass one of them" in both.stderr, cli.explain(both)
+    swept = cli.run("sweep", f"--config={config}", "--config.lr=0.5", "--workdir=S",
+                    cwd=str(tmp_path))
+    assert swept.returncode == 1 and "--config.lr overrides 'lr'" in swept.stderr, \
+        cli.explain(swept)
     assert not (tmp_path / "S").exists()
 
 
@@ -376,11 +373,11 @@ def get_config(arg=None):
 """
 
 
-def test_sweep_end_to_end_then_skips_finished_points(tmp_path, data_dir):
+def test_sweep_end_to_end_then_skips_finished_points(tmp_path, data_dir, cli):
     (tmp_path / "lr_sweep.py").write_text(E2E_CONFIG.format(data_dir=data_dir))
     args = ["sweep", "--config=lr_sweep.py", "--workdir=S"]
-    result = vistax(*args, cwd=str(tmp_path))
-    assert result.returncode == 0, explain(result)
+    result = cli.run(*args, cwd=str(tmp_path))
+    assert result.returncode == 0, cli.explain(result)
     sweep_dir = tmp_path / "S"
     names = ["schedule.base_lr=0.001", "schedule.base_lr=0.003"]
     rows = read_csv(sweep_dir / "results.csv")
@@ -399,8 +396,8 @@ def test_sweep_end_to_end_then_skips_finished_points(tmp_path, data_dir):
         metrics[name] = (sweep_dir / name / "metrics.jsonl").read_text()
 
     start = time.perf_counter()
-    again = vistax(*args, cwd=str(tmp_path))
-    assert again.returncode == 0, explain(again)
+    again = cli.run(*args, cwd=str(tmp_path))
+    assert again.returncode == 0, cli.explain(again)
     assert again.stdout.count("finished earlier with this config; skipped") == 2
     assert time.perf_counter() - start < 20  # no jax process started
     for name in names:

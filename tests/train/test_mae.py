@@ -62,19 +62,9 @@ RNG = np.random.RandomState(0)
 BATCHES = [{"image": RNG.uniform(-1, 1, (32, 32, 32, 3)).astype(np.float32)} for _ in range(4)]
 
 
-def _losses(config, devices):
-    exp = Experiment(config, devices=devices)
-    state = exp.init_state()
-    losses = []
-    for batch in BATCHES:
-        state, metrics = exp.train_step(state, exp.global_batch(batch))
-        losses.append(float(jax.device_get(metrics["loss"])))
-    return np.array(losses)
-
-
 @pytest.mark.parametrize("mesh", [dict(data=8, fsdp=1, tensor=1),
                                   dict(data=2, fsdp=2, tensor=2)], ids=["dp8", "dp2_fsdp2_tp2"])
-def test_sharded_mae_matches_one_device(data_dir, mesh):
+def test_sharded_mae_matches_one_device(data_dir, mesh, step_losses):
     """Masks are drawn per example from the step key, identically however the batch is split."""
     def config(**mesh_sizes):
         c = shrink(mae_configs.get_config("tiny"), data_dir)
@@ -82,8 +72,8 @@ def test_sharded_mae_matches_one_device(data_dir, mesh):
         c.mesh.update(mesh_sizes)
         return c
 
-    single = _losses(config(data=1), jax.devices()[:1])
-    sharded = _losses(config(**mesh), jax.devices())
+    single = step_losses(config(data=1), jax.devices()[:1], BATCHES)
+    sharded = step_losses(config(**mesh), jax.devices(), BATCHES)
     assert single[-1] < single[0]
     np.testing.assert_allclose(sharded, single, rtol=2e-5)
 

@@ -99,16 +99,6 @@ def test_tensor_parallelism_splits_heads_and_mlp(small_vit_config):
     assert exp.batch_sharding.spec == P(("data", "fsdp"))
 
 
-def _losses(config, devices) -> np.ndarray:
-    exp = Experiment(config, devices=devices)
-    state = exp.init_state()
-    losses = []
-    for batch in BATCHES:
-        state, metrics = exp.train_step(state, exp.global_batch(batch))
-        losses.append(float(jax.device_get(metrics["loss"])))
-    return np.array(losses)
-
-
 # Every source of randomness on: the draws must not depend on how the batch is sharded.
 OVERRIDES = {"input.pp": "decode", "loss.label_smoothing": 0.1, "duration": "10 steps",
              "model.dropout": 0.1, "model.drop_path": 0.1, "loss.mixup_alpha": 0.8,
@@ -116,8 +106,9 @@ OVERRIDES = {"input.pp": "decode", "loss.label_smoothing": 0.1, "duration": "10 
 
 
 @pytest.fixture(scope="module")
-def one_device_losses(small_vit_config):
-    return _losses(small_vit_config(**OVERRIDES, **{"mesh.data": 1}), jax.devices()[:1])
+def one_device_losses(small_vit_config, step_losses):
+    return step_losses(small_vit_config(**OVERRIDES, **{"mesh.data": 1}), jax.devices()[:1],
+                       BATCHES)
 
 
 @pytest.mark.parametrize("mesh", [dict(data=8, fsdp=1, tensor=1),
@@ -125,10 +116,11 @@ def one_device_losses(small_vit_config):
                                   dict(data=1, fsdp=4, tensor=2),
                                   dict(data=2, fsdp=2, tensor=2)],
                          ids=["dp8", "fsdp8", "fsdp4_tp2", "dp2_fsdp2_tp2"])
-def test_sharded_runs_match_one_device(small_vit_config, one_device_losses, mesh):
+def test_sharded_runs_match_one_device(small_vit_config, one_device_losses, mesh, step_losses):
     single = one_device_losses
-    sharded = _losses(small_vit_config(**OVERRIDES, **{f"mesh.{k}": v for k, v in mesh.items()}),
-                      jax.devices())
+    sharded = step_losses(
+        small_vit_config(**OVERRIDES, **{f"mesh.{k}": v for k, v in mesh.items()}),
+        jax.devices(), BATCHES)
     # A zero-initialised head gives uniform logits: cross-entropy ln(10) whatever the (smoothed,
     # mixed) targets; then the loss falls, so the runs compared below really train.
     np.testing.assert_allclose(single[0], np.log(10), rtol=1e-6)
