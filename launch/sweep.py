@@ -387,8 +387,14 @@ class _Console:
 def trained_with_another_config(sweep_dir: str, point: Point) -> bool:
     """Whether the point's directory was last launched with a different config: resuming it
     would continue (or, finished, just report) a run of the old config."""
-    runs = read_runs(point_dir(sweep_dir, point))
-    return bool(runs) and runs[-1].get("config_sha") != point.config_sha
+    return _other_config(read_runs(point_dir(sweep_dir, point)), point)
+
+
+def _other_config(runs: list[dict], point: Point) -> bool:
+    """Whether the last launch recorded a config other than the point's (a record without one,
+    e.g. written by hand, is taken at its word)."""
+    sha = runs[-1].get("config_sha") if runs else None
+    return sha is not None and sha != point.config_sha
 
 
 def _run_point(sweep: Sweep, point: Point, sweep_dir: str, console: _Console) -> int:
@@ -567,7 +573,7 @@ def collect(sweep: Sweep, sweep_dir: str) -> list[Result]:
         found = read_metric(metrics_path, sweep.metric)
         wall = sum(run.get("wall_s", 0.0) for run in runs) if runs else None
         exit_code = runs[-1].get("exit_code") if runs else 0
-        if runs and runs[-1].get("config_sha") != point.config_sha:
+        if _other_config(runs, point):
             status, found = "stale (trained with another config)", None
         elif exit_code != 0:
             status, found = f"failed (exit {exit_code})", None
