@@ -90,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict(dict(
         name="adamw", b1=0.9, b2=0.999, eps=1e-8, momentum=0.9, nesterov=False,
         weight_decay=0.0, trust_coefficient=0.001,
+        weight_decay_end=config_dict.placeholder(float),  # cosine to it over the run if set
     ))
     c.schedule = ml_collections.ConfigDict(dict(
         name="cosine", base_lr=1e-3, warmup="0 steps", end_lr=0.0, warmup_start_lr=0.0,
@@ -109,8 +110,16 @@ def base_config() -> ml_collections.ConfigDict:
         layer_decay=1.0,
         layer_decay_blocks=r"(.*/)?encoder/blocks/.*",
         layer_decay_embed=r"(.*/)?(patch_embed/.*|pos_embedding|cls_token|registers)",
+        # Leaves that stack one parameter per layer along their leading axis (every Encoder's
+        # blocks): per-parameter clipping treats each layer's slice as its own parameter.
+        stacked=r"(.*/)?blocks/.*",
+        # ((regex, duration), ...): parameters held fixed for the first <duration> of the run
+        # (no update, moments or decay; DINO's last layer for 1 epoch).
+        hold=(),
     ))
     c.grad_clip_norm = config_dict.placeholder(float)  # global norm; None disables
+    # Per-parameter L2 clipping of gradients (DINO: 3.0); None disables.
+    c.grad_clip_per_param = config_dict.placeholder(float)
     c.grad_accum_steps = 1
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # within a slice (ICI)
@@ -128,6 +137,7 @@ def base_config() -> ml_collections.ConfigDict:
         step=config_dict.placeholder(int),  # default: the latest
         include=".*", exclude=config_dict.placeholder(str),  # regexes on parameter names
         rename=(),  # ((regex, replacement), ...): our name -> the name in the checkpoint
+        tree="params",  # the part of a vistax checkpoint read: params, or extra/teacher (DINO)
     ))
     c.evals = ml_collections.ConfigDict()
     return c

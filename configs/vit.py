@@ -36,7 +36,7 @@ def model_config(**values) -> ml_collections.ConfigDict:
         patch_size=config_dict.placeholder(int),
         image_size=224, channels=3, num_classes=0, pool="cls", posemb="learn", num_registers=0,
         representation_size=0, dropout=0.0, drop_path=0.0, head_zero_init=True, head_init_std=0.0,
-        head_norm="none",
+        head_norm="none", layer_scale=0.0, dynamic_image_size=False, mask_token=False,
         layernorm_eps=1e-6, qkv_bias=True, activation="gelu", patch_bias=True, pre_norm=False,
         scan=True, remat="none",
         dtype="float32", param_dtype="float32",

@@ -146,7 +146,7 @@ def parse(spec: str) -> Preprocess:
 # Helpers
 
 
-def _size2(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+def size2(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     """An int or (height, width) -> (height, width), both positive ints."""
     if isinstance(size, int) and not isinstance(size, bool):
         size = (size, size)
@@ -156,7 +156,7 @@ def _size2(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return tuple(size)
 
 
-def _range2(value, name: str) -> tuple[float, float]:
+def range2(value, name: str) -> tuple[float, float]:
     """A number x -> (x, x), or a (low, high) pair with low <= high."""
     if isinstance(value, (int, float)):
         value = (value, value)
@@ -165,7 +165,7 @@ def _range2(value, name: str) -> tuple[float, float]:
     return float(value[0]), float(value[1])
 
 
-def _probability(p, name: str = "p") -> float:
+def probability(p, name: str = "p") -> float:
     if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
         raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
     return float(p)
@@ -177,7 +177,7 @@ def _method(method: str):
     return _RESAMPLING[method]
 
 
-def _uint8_image(image, op: str) -> np.ndarray:
+def uint8_image(image, op: str) -> np.ndarray:
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3:
         got = (f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray)
                else type(image).__name__)
@@ -220,12 +220,12 @@ def decode(channels: int = 3, key: str = "image") -> Op:
 @register("resize")
 def resize(size, key: str = "image", method: str = "bilinear") -> Op:
     """Resizes to `size` (int: square, or (height, width)), ignoring the aspect ratio."""
-    height, width = _size2(size)
+    height, width = size2(size)
     resample = _method(method)
 
     def op(example, rng):
         del rng
-        image = _uint8_image(example[key], "resize")
+        image = uint8_image(example[key], "resize")
         return {**example, key: _pil_resize(image, height, width, resample)}
 
     return op
@@ -240,7 +240,7 @@ def resize_small(size: int, key: str = "image", method: str = "bilinear") -> Op:
 
     def op(example, rng):
         del rng
-        image = _uint8_image(example[key], "resize_small")
+        image = uint8_image(example[key], "resize_small")
         h, w = image.shape[:2]
         scale = size / min(h, w)
         new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
@@ -259,7 +259,7 @@ def _crop(image: np.ndarray, top: int, left: int, height: int, width: int, op: s
 @register("center_crop")
 def center_crop(size, key: str = "image") -> Op:
     """Crops the central `size` (int: square, or (height, width))."""
-    height, width = _size2(size)
+    height, width = size2(size)
 
     def op(example, rng):
         del rng
@@ -273,7 +273,7 @@ def center_crop(size, key: str = "image") -> Op:
 @register("random_crop")
 def random_crop(size, key: str = "image") -> Op:
     """Crops `size` (int: square, or (height, width)) at a uniformly random offset."""
-    height, width = _size2(size)
+    height, width = size2(size)
 
     def op(example, rng):
         image = example[key]
@@ -319,8 +319,8 @@ def random_resized_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), key: str 
     Defaults are torchvision's / the Inception paper's: area fraction in [0.08, 1], aspect
     ratio in [3/4, 4/3]. DINO uses scale (0.4, 1) for global and (0.05, 0.4) for local crops.
     """
-    out_h, out_w = _size2(size)
-    scale, ratio = _range2(scale, "scale"), _range2(ratio, "ratio")
+    out_h, out_w = size2(size)
+    scale, ratio = range2(scale, "scale"), range2(ratio, "ratio")
     if not 0 < scale[0] <= 1 or scale[1] > 1:
         raise ValueError(f"scale must lie in (0, 1], got {scale}")
     if ratio[0] <= 0:
@@ -328,7 +328,7 @@ def random_resized_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), key: str 
     resample = _method(method)
 
     def op(example, rng):
-        image = _uint8_image(example[key], "random_resized_crop")
+        image = uint8_image(example[key], "random_resized_crop")
         top, left, h, w = sample_crop_box(rng, image.shape[0], image.shape[1], scale, ratio)
         crop = image[top:top + h, left:left + w]
         return {**example, key: _pil_resize(crop, out_h, out_w, resample)}
@@ -339,7 +339,7 @@ def random_resized_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), key: str 
 @register("flip_lr")
 def flip_lr(p: float = 0.5, key: str = "image") -> Op:
     """Mirrors left-right with probability p (0.5 in nearly every recipe)."""
-    p = _probability(p)
+    p = probability(p)
 
     def op(example, rng):
         if rng.random() >= p:
@@ -395,7 +395,7 @@ def color_jitter(brightness: float = 0.4, contrast: float = 0.4, saturation: flo
             raise ValueError(f"{name} must be a number >= 0, got {value!r}")
     if not isinstance(hue, (int, float)) or not 0 <= hue <= 0.5:
         raise ValueError(f"hue must be in [0, 0.5], got {hue!r}")
-    p = _probability(p)
+    p = probability(p)
 
     def adjust(image: np.ndarray, which: int, rng) -> np.ndarray:
         if which == 0:  # brightness: blend with black
@@ -416,7 +416,7 @@ def color_jitter(brightness: float = 0.4, contrast: float = 0.4, saturation: flo
     def op(example, rng):
         if rng.random() >= p:
             return example
-        image = _uint8_image(example[key], "color_jitter").astype(np.float32)
+        image = uint8_image(example[key], "color_jitter").astype(np.float32)
         if image.shape[-1] != 3:
             raise ValueError(f"color_jitter needs 3 channels, got {image.shape[-1]}")
         for which in rng.permutation(4):
@@ -432,12 +432,12 @@ def grayscale(p: float = 0.2, key: str = "image") -> Op:
 
     p=0.2 as in SimCLR, BYOL and DINO.
     """
-    p = _probability(p)
+    p = probability(p)
 
     def op(example, rng):
         if rng.random() >= p:
             return example
-        image = _uint8_image(example[key], "grayscale")
+        image = uint8_image(example[key], "grayscale")
         if image.shape[-1] == 1:
             return example
         grey = np.rint(_luma(image.astype(np.float32))).astype(np.uint8)
@@ -453,15 +453,15 @@ def gaussian_blur(p: float, sigma=(0.1, 2.0), key: str = "image") -> Op:
     sigma in [0.1, 2.0] as in SimCLR (p=0.5) and BYOL/DINO (p=1.0 on the first view, 0.1 on
     the second; DINO: 0.5 on local crops). Uses PIL's GaussianBlur, whose radius is the std.
     """
-    p = _probability(p)
-    sigma = _range2(sigma, "sigma")
+    p = probability(p)
+    sigma = range2(sigma, "sigma")
     if sigma[0] < 0:
         raise ValueError(f"sigma must be >= 0, got {sigma}")
 
     def op(example, rng):
         if rng.random() >= p:
             return example
-        image = _uint8_image(example[key], "gaussian_blur")
+        image = uint8_image(example[key], "gaussian_blur")
         radius = rng.uniform(*sigma)
         squeezed = image[..., 0] if image.shape[-1] == 1 else image
         blurred = Image.fromarray(squeezed).filter(ImageFilter.GaussianBlur(radius))
@@ -476,14 +476,14 @@ def solarize(p: float = 0.2, threshold: int = 128, key: str = "image") -> Op:
 
     p=0.2, threshold 128 as on BYOL's / DINO's second view (p=0 on the first).
     """
-    p = _probability(p)
+    p = probability(p)
     if not isinstance(threshold, (int, float)) or not 0 <= threshold <= 256:
         raise ValueError(f"threshold must be in [0, 256], got {threshold!r}")
 
     def op(example, rng):
         if rng.random() >= p:
             return example
-        image = _uint8_image(example[key], "solarize")
+        image = uint8_image(example[key], "solarize")
         return {**example, key: np.where(image >= threshold, 255 - image, image)}
 
     return op
@@ -624,3 +624,8 @@ def tokenize(tokenizer: str, length: int, key: str = "caption", out: str = "text
         return example
 
     return op
+
+# Modules whose import registers more ops (they use the helpers above, hence imported last).
+from vistax.data import multicrop  # noqa: E402
+
+OP_MODULES = (multicrop,)

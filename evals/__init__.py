@@ -1,7 +1,9 @@
 """Evaluators by type: `config.evals.<name>.type` selects one; the loop runs each `every`."""
 
+from vistax.evals.attention_maps import AttentionMapsEvaluator
 from vistax.evals.base import DEFAULT_EVERY, EvalContext, Evaluator
 from vistax.evals.classification import ClassificationEvaluator
+from vistax.evals.fewshot import FewshotRidgeEvaluator
 from vistax.evals.linear_probe import KnnEvaluator, LinearProbeEvaluator
 from vistax.evals.reconstruction import ReconstructionEvaluator
 from vistax.evals.retrieval import RetrievalEvaluator
@@ -15,7 +17,9 @@ EVALUATORS: dict[str, type[Evaluator]] = {
     "retrieval": RetrievalEvaluator,
     "linear_probe": LinearProbeEvaluator,
     "knn": KnnEvaluator,
+    "fewshot_ridge": FewshotRidgeEvaluator,
     "reconstruction": ReconstructionEvaluator,
+    "attention_maps": AttentionMapsEvaluator,
 }
 
 

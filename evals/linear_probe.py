@@ -24,9 +24,15 @@ in any statistic, loss or vote, and are never neighbours.
   keeps the minimiser unique, so the result does not depend on when or where the fit stops.
 - `knn`: weighted k-NN on L2-normalised features (DINO, Caron et al. 2021, Sec. 4, after Wu et
   al. 2018): the k train examples of highest cosine similarity vote for their labels with
-  weight exp(similarity / T); defaults k = 20, T = 0.07. Each device finds the top k of its
-  shard of the train features and only those candidates are merged, for chunks of test
-  examples sized so that a device holds at most SIMILARITY_BUDGET similarities at a time.
+  weight exp(similarity / T); defaults k = 20, T = 0.07. `k` may be a list, e.g. DINO's
+  (10, 20, 100, 200) (their eval_knn.py): one search for the top max(k) serves every k, whose
+  votes are those of its first k neighbours. A k above the number of train examples is clamped
+  to it (all of them vote) and reported. Each device finds the top k of its shard of the train
+  features and only those candidates are merged, for chunks of test examples that divide the
+  eval batch (any test split size works, however small: padding rows never count), sized so
+  that a device holds at most SIMILARITY_BUDGET similarities, or one-hot votes, at a time.
+
+`fewshot_ridge` (evals/fewshot.py) shares this module's frozen-feature machinery.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ GRAD_TOL = 1e-6  # L-BFGS stops once the loss's gradient norm is below this
 FLOAT_TOL = 1e-7  # ... or once a step lowers the loss by less than this, relatively
 DEFAULT_WEIGHT_DECAY = 1e-5  # of weight_decay / 2 * |w|^2 added to the mean cross-entropy
 SIMILARITY_BUDGET = 2 ** 26  # k-NN similarities one device holds at a time (256 MiB float32)
+DEFAULT_K = 20  # DINO's headline k (Caron et al. 2021, Sec. 4)
 COMMON_KEYS = ("type", "every", "dataset", "train_split", "test_split", "pp", "batch_size",
                "encoder", "num_classes")
 
@@ -76,13 +83,13 @@ def stack_split(outputs: list[dict], masks: list[jax.Array], *, stacked, normali
     return {"features": features, "label": label, "mask": mask}, stats
 
 
-def _counts(label: jax.Array, mask: jax.Array, num_classes: int) -> dict:
+def label_counts(label: jax.Array, mask: jax.Array, num_classes: int) -> dict:
     """Test rows counted, and those among them whose label no class of the fit can match."""
     outside = (label < 0) | (label >= num_classes)
     return {"count": jnp.sum(mask), "outside": jnp.sum(mask & outside)}
 
 
-def _add(totals: dict | None, sums: dict) -> dict:
+def add_sums(totals: dict | None, sums: dict) -> dict:
     return sums if totals is None else jax.tree.map(jnp.add, totals, sums)
 
 
@@ -171,11 +178,11 @@ def _fit_and_score_train(train, *, num_classes, steps, weight_decay):
     return probe, dict(sums, steps=probe["steps"])
 
 
-def _probe_test_sums(totals, probe, outputs, mask, *, num_classes):
-    """`totals` plus a test batch's correct predictions, summed cross-entropy and counts."""
+def _probe_test_sums(probe, outputs, mask, *, num_classes):
+    """A test batch's correct predictions, summed cross-entropy and counts."""
     label = outputs["label"].astype(jnp.int32)
-    counts = _counts(label, mask, num_classes)
-    return _add(totals, dict(probe_sums(probe, outputs["features"], label, mask), **counts))
+    counts = label_counts(label, mask, num_classes)
+    return dict(probe_sums(probe, outputs["features"], label, mask), **counts)
 
 
 # -- k-NN ----------------------------------------------------------------------------------
@@ -213,55 +220,87 @@ def top_k_neighbours(query, bank, k, *, mesh=None, axes=()):
     return sims, jnp.take_along_axis(labels, index, axis=1)
 
 
-def knn_votes(sims, labels, *, temperature: float, num_classes: int) -> jax.Array:
+def knn_votes(sims, labels, *, temperature: float, num_classes: int, ks=None) -> jax.Array:
     """(Q, classes) votes: each neighbour adds exp(sim / T) to its label (DINO, Caron et al.
     2021, Sec. 4). Shifted by the best similarity, which scales a query's votes alike and keeps
-    exp finite; padding (-inf) adds 0."""
+    exp finite; padding (-inf) adds 0. `sims` (Q, K) best first, `labels` (Q, K).
+
+    With `ks` (each <= K): (len(ks), Q, classes), the votes of the first k neighbours for each
+    k, summed segment by segment between the sorted ks (no neighbour's one-hot is made twice)."""
     weights = jnp.exp((sims - sims[:, :1]) / temperature)
-    return jnp.sum(jax.nn.one_hot(labels, num_classes) * weights[..., None], axis=1)
+
+    def votes(lo, hi):  # exact products, float32 sums (no reduced-precision matmul on TPU)
+        one_hot = jax.nn.one_hot(labels[:, lo:hi], num_classes)
+        return jnp.sum(one_hot * weights[:, lo:hi, None], axis=1)
+
+    if ks is None:
+        return votes(0, sims.shape[1])
+    by_k, total, lo = {}, 0.0, 0
+    for k in sorted(set(ks)):
+        total = total + votes(lo, k)
+        by_k[k], lo = total, k
+    return jnp.stack([by_k[k] for k in ks])
 
 
-def _chunk_size(batch: int, bank_rows_per_device: int) -> int:
-    """The largest divisor of `batch` whose similarities fit SIMILARITY_BUDGET on a device."""
-    fits = max(1, SIMILARITY_BUDGET // max(bank_rows_per_device, 1))
+def _chunk_size(batch: int, per_query: int) -> int:
+    """The largest divisor of `batch` whose `per_query` floats each fit SIMILARITY_BUDGET."""
+    fits = max(1, SIMILARITY_BUDGET // max(per_query, 1))
     return max(d for d in range(1, batch + 1) if batch % d == 0 and d <= fits)
 
 
-def _knn_test_sums(totals, bank, outputs, mask, *, num_classes, k, temperature, mesh, axes,
+def _knn_test_sums(bank, outputs, mask, *, num_classes, ks, temperature, mesh, axes,
                    replicated):
-    """`totals` plus a test batch's correct top-1 (and top-5 with >= 5 classes) and count."""
+    """A test batch's counts and, per k in `ks` (each at most the bank's real rows), correct
+    top-1 (and top-5 with >= 5 classes) as (len(ks),) arrays."""
     query = jax.lax.with_sharding_constraint(l2_normalize(outputs["features"]), replicated)
     batch = query.shape[0]
     shards = math.prod(mesh.shape[a] for a in axes)
-    chunk = _chunk_size(batch, bank["mask"].size // shards)
-    top = min(5, num_classes)
+    k_max, top = max(ks), min(5, num_classes)
+    # a device holds a chunk's similarities to its bank rows, and one-hot votes of k_max
+    chunk = _chunk_size(batch, max(bank["mask"].size // shards, k_max * num_classes))
 
-    def ranked(q):  # (chunk, D) -> (chunk, top) classes by votes, best first
-        sims, labels = top_k_neighbours(q, bank, k, mesh=mesh, axes=axes)
-        votes = knn_votes(sims, labels, temperature=temperature, num_classes=num_classes)
+    def ranked(q):  # (chunk, D) -> (len(ks), chunk, top) classes by votes, best first
+        sims, labels = top_k_neighbours(q, bank, k_max, mesh=mesh, axes=axes)
+        votes = knn_votes(sims, labels, temperature=temperature, num_classes=num_classes, ks=ks)
         return jax.lax.top_k(votes, top)[1]
 
-    classes = jax.lax.map(ranked, query.reshape(batch // chunk, chunk, -1)).reshape(batch, top)
+    classes = jax.lax.map(ranked, query.reshape(batch // chunk, chunk, -1))
+    classes = jnp.moveaxis(classes, 1, 0).reshape(len(ks), batch, top)
     label = outputs["label"].astype(jnp.int32)
     hit = classes == label[:, None]
-    sums = dict(_counts(label, mask, num_classes), correct=jnp.sum(hit[:, 0] & mask))
+    sums = dict(label_counts(label, mask, num_classes), correct=jnp.sum(hit[..., 0] & mask, 1))
     if top == 5:
-        sums["correct_top5"] = jnp.sum(jnp.any(hit, axis=1) & mask)
-    return _add(totals, sums)
+        sums["correct_top5"] = jnp.sum(jnp.any(hit, axis=-1) & mask, axis=1)
+    return sums
 
 
 # -- config --------------------------------------------------------------------------------
 
-def _int_key(cfg, name: str, key: str, default: int | None, minimum: int) -> int | None:
+def int_key(cfg, name: str, key: str, default: int | None, minimum: int) -> int | None:
     value = cfg.get(key, default)
     if value is None and default is None:
         return None
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+    if not _is_int(value) or value < minimum:
         raise ValueError(f"evals.{name}.{key}={value!r} must be an int >= {minimum}.")
     return int(value)
 
 
-def _float_key(cfg, name: str, key: str, default: float, *, positive: bool) -> float:
+def int_list_key(cfg, name: str, key: str, default, minimum: int) -> tuple[int, ...]:
+    """`evals.<name>.<key>`: an int or a non-empty list/tuple of distinct ints >= minimum."""
+    value = cfg.get(key, default)
+    values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if (not values or not all(_is_int(v) and v >= minimum for v in values)
+            or len(set(values)) < len(values)):
+        raise ValueError(f"evals.{name}.{key}={value!r} must be an int >= {minimum} or a "
+                         f"non-empty list of distinct ones.")
+    return tuple(int(v) for v in values)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def float_key(cfg, name: str, key: str, default: float, *, positive: bool) -> float:
     value = cfg.get(key, default)
     if (not isinstance(value, (int, float, np.number)) or isinstance(value, bool)
             or not math.isfinite(value) or value < 0 or (positive and value == 0)):
@@ -270,12 +309,21 @@ def _float_key(cfg, name: str, key: str, default: float, *, positive: bool) -> f
     return float(value)
 
 
-class _FrozenFeatureEvaluator(Evaluator):
+def batch_axes(ctx) -> tuple[str, ...]:
+    """The mesh axes a batch's leading dimension is split over (none on one device)."""
+    spec = ctx.batch_sharding.spec
+    axes = spec[0] if len(spec) else None
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+class FrozenFeatureEvaluator(Evaluator):
     """Embeds the train split into sharded device arrays, fits on them, streams the test split.
 
     Subclasses set OWN_KEYS and NORMALIZE (L2-normalise the stacked train features) and give
-    _fit(train, num_classes=) -> (fitted, train sums), _test_sums(totals, fitted, outputs,
-    mask, num_classes=) -> totals with "correct" and "count", and _extra_results."""
+    _fit(train, num_classes=) -> (fitted, train sums), _test_sums(fitted, outputs, mask,
+    num_classes=) -> a test batch's sums with "count" and "outside" (label_counts), added up on
+    device, and _results(train sums, totals) -> metrics; _fit_shape when _fit cannot be
+    traced."""
 
     OWN_KEYS: tuple[str, ...] = ()
     NORMALIZE = False
@@ -289,7 +337,7 @@ class _FrozenFeatureEvaluator(Evaluator):
                              f"is not a key of type {cfg.get('type')!r}, whose keys are "
                              f"{list(known)}.")
         require(cfg, name, ("dataset", "train_split", "test_split", "pp", "batch_size"))
-        self.num_classes = _int_key(cfg, name, "num_classes", None, minimum=1)
+        self.num_classes = int_key(cfg, name, "num_classes", None, minimum=1)
         features = encoder(ctx, name, cfg, "encoder", "features")
 
         def embed(model, extra, batch):
@@ -320,9 +368,13 @@ class _FrozenFeatureEvaluator(Evaluator):
                                     sharding=self.ctx.batch_sharding)
         num_classes = self.num_classes or 2  # the real default needs the train labels
         train, _ = jax.eval_shape(self._stack, [out, out], [mask, mask])
-        fitted, _ = jax.eval_shape(functools.partial(self._fit, num_classes=num_classes), train)
+        fitted = self._fit_shape(train, num_classes)
         jax.eval_shape(functools.partial(self._test_sums, num_classes=num_classes),
-                       None, fitted, out, mask)
+                       fitted, out, mask)
+
+    def _fit_shape(self, train, num_classes: int):
+        """The abstract `fitted` of abstract train arrays."""
+        return jax.eval_shape(functools.partial(self._fit, num_classes=num_classes), train)[0]
 
     def _num_classes(self, stats: dict) -> int:
         """num_classes (default: the largest train label + 1), checked against stack_split's
@@ -345,14 +397,12 @@ class _FrozenFeatureEvaluator(Evaluator):
         fitted, train_sums = self._fit(train, num_classes=num_classes)
         totals = None  # stays on device until the end
         for batch in self.ctx.batches(self._split("test_split")):
-            totals = self._test_sums(totals, fitted, self._embed(state, batch), batch["_mask"],
-                                     num_classes=num_classes)
+            totals = add_sums(totals, self._test_sums(fitted, self._embed(state, batch),
+                                                      batch["_mask"], num_classes=num_classes))
         totals = to_host(totals)
         self._check_test_labels(int(totals["outside"]), num_classes)
-        count = int(totals["count"])
-        return {"accuracy": int(totals["correct"]) / count,
-                **self._extra_results(to_host(train_sums), totals),
-                "num_train": float(stats["count"]), "num_test": float(count)}
+        return {**self._results(to_host(train_sums), totals),
+                "num_train": float(stats["count"]), "num_test": float(totals["count"])}
 
     def _check_test_labels(self, outside: int, num_classes: int) -> None:
         if not outside:
@@ -364,11 +414,11 @@ class _FrozenFeatureEvaluator(Evaluator):
                          f"{self.cfg.test_split!r} have labels outside [0, {num_classes}) "
                          f"({reason}).")
 
-    def _extra_results(self, train_sums: dict, totals: dict) -> dict[str, float]:
+    def _results(self, train_sums: dict, totals: dict) -> dict[str, float]:
         raise NotImplementedError
 
 
-class LinearProbeEvaluator(_FrozenFeatureEvaluator):
+class LinearProbeEvaluator(FrozenFeatureEvaluator):
     """Linear-probe accuracy of frozen features (see module docstring).
 
     Keys: dataset, train_split, test_split, pp (must yield `image` and an integer `label`; one
@@ -385,30 +435,34 @@ class LinearProbeEvaluator(_FrozenFeatureEvaluator):
 
     def __init__(self, name, cfg, ctx):
         super().__init__(name, cfg, ctx)
-        steps = _int_key(cfg, name, "steps", 1000, minimum=1)
-        weight_decay = _float_key(cfg, name, "weight_decay", DEFAULT_WEIGHT_DECAY,
-                                  positive=False)
+        steps = int_key(cfg, name, "steps", 1000, minimum=1)
+        weight_decay = float_key(cfg, name, "weight_decay", DEFAULT_WEIGHT_DECAY, positive=False)
         self._fit = jax.jit(
             functools.partial(_fit_and_score_train, steps=steps, weight_decay=weight_decay),
             static_argnames="num_classes", out_shardings=ctx.replicated)
         self._test_sums = jax.jit(_probe_test_sums, static_argnames="num_classes",
                                   out_shardings=ctx.replicated)
 
-    def _extra_results(self, train_sums, totals):
-        count = int(train_sums["count"])
-        return {"loss": float(totals["nll"]) / int(totals["count"]),
-                "train_accuracy": int(train_sums["correct"]) / count,
-                "train_loss": float(train_sums["nll"]) / count,
+    def _results(self, train_sums, totals):
+        count, train_count = int(totals["count"]), int(train_sums["count"])
+        return {"accuracy": int(totals["correct"]) / count,
+                "loss": float(totals["nll"]) / count,
+                "train_accuracy": int(train_sums["correct"]) / train_count,
+                "train_loss": float(train_sums["nll"]) / train_count,
                 "probe_steps": float(train_sums["steps"])}
 
 
-class KnnEvaluator(_FrozenFeatureEvaluator):
+class KnnEvaluator(FrozenFeatureEvaluator):
     """Weighted k-NN accuracy of frozen features (see module docstring).
 
     Keys: dataset, train_split, test_split, pp (must yield `image` and an integer `label`),
     batch_size (global), encoder (default 'features'), every, num_classes (default: the largest
-    train label + 1), k (default 20), temperature (default 0.07; DINO, Caron et al. 2021,
-    Sec. 4). Metrics: accuracy, top5_accuracy (with >= 5 classes), num_train, num_test.
+    train label + 1), k (an int or a list of distinct ints, e.g. DINO's (10, 20, 100, 200);
+    default 20), temperature (default 0.07; DINO, Caron et al. 2021, Sec. 4).
+
+    Metrics, for each k listed: accuracy_k{k}, top5_accuracy_k{k} (with >= 5 classes), and
+    k_used_k{k} = the number of train examples when k exceeds it (k is clamped to it: every
+    train example votes); accuracy and top5_accuracy repeat the first k's; num_train, num_test.
     """
 
     OWN_KEYS = ("k", "temperature")
@@ -416,20 +470,18 @@ class KnnEvaluator(_FrozenFeatureEvaluator):
 
     def __init__(self, name, cfg, ctx):
         super().__init__(name, cfg, ctx)
-        self.k = _int_key(cfg, name, "k", 20, minimum=1)
-        temperature = _float_key(cfg, name, "temperature", 0.07, positive=True)
-        spec = ctx.batch_sharding.spec
-        axes = spec[0] if len(spec) else None
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        self._test_sums = jax.jit(
-            functools.partial(_knn_test_sums, k=self.k, temperature=temperature,
-                              mesh=ctx.batch_sharding.mesh, axes=axes, replicated=ctx.replicated),
-            static_argnames="num_classes", out_shardings=ctx.replicated)
+        self.ks = int_list_key(cfg, name, "k", DEFAULT_K, minimum=1)
+        self._ks_used = self.ks  # clamped to the train split by _num_classes
+        temperature = float_key(cfg, name, "temperature", 0.07, positive=True)
+        self._sums = jax.jit(
+            functools.partial(_knn_test_sums, temperature=temperature,
+                              mesh=ctx.batch_sharding.mesh, axes=batch_axes(ctx),
+                              replicated=ctx.replicated),
+            static_argnames=("num_classes", "ks"), out_shardings=ctx.replicated)
 
     def _num_classes(self, stats):
-        if int(stats["count"]) < self.k:
-            raise ValueError(f"evals.{self.name}.k={self.k} is more than the {int(stats['count'])}"
-                             f" examples of {self.cfg.dataset!r} {self.cfg.train_split!r}.")
+        """Also clamps each k to the number of train examples."""
+        self._ks_used = tuple(min(k, int(stats["count"])) for k in self.ks)
         return super()._num_classes(stats)
 
     def _fit(self, train, *, num_classes):
@@ -437,8 +489,21 @@ class KnnEvaluator(_FrozenFeatureEvaluator):
         del num_classes
         return train, {}
 
-    def _extra_results(self, train_sums, totals):
+    def _test_sums(self, bank, outputs, mask, *, num_classes):
+        return self._sums(bank, outputs, mask, num_classes=num_classes, ks=self._ks_used)
+
+    def _results(self, train_sums, totals):
         del train_sums
-        if "correct_top5" not in totals:
-            return {}
-        return {"top5_accuracy": int(totals["correct_top5"]) / int(totals["count"])}
+        count = int(totals["count"])
+        results = {}
+        for i, (k, used) in enumerate(zip(self.ks, self._ks_used)):
+            results[f"accuracy_k{k}"] = int(totals["correct"][i]) / count
+            if "correct_top5" in totals:
+                results[f"top5_accuracy_k{k}"] = int(totals["correct_top5"][i]) / count
+            if used < k:
+                results[f"k_used_k{k}"] = float(used)
+        first = self.ks[0]
+        results["accuracy"] = results[f"accuracy_k{first}"]
+        if "correct_top5" in totals:
+            results["top5_accuracy"] = results[f"top5_accuracy_k{first}"]
+        return results

@@ -4,10 +4,12 @@ A config file opts in with a `sweep` entry (ml_collections keeps the dicts of `p
 so their keys may be dotted):
 
   c.sweep = ml_collections.ConfigDict(dict(
-      metric="eval/probe/accuracy",  # metrics.jsonl key, read at the largest step that has it
+      metric="eval/probe/accuracy",  # metrics.jsonl key, read at the largest step that has it;
+                                     # or a tuple of keys: a table column and a plot panel each
       points=({"mae.mask_ratio": 0.25}, {"mae.mask_ratio": 0.5}),  # dotted key -> value
       x="mae.mask_ratio",  # optional: the plot's x axis (a line if numeric, else bars)
       name="MAE mask ratio",  # optional: titles and job names
+      curves=False,  # optional: True plots each metric against the training step instead
   ))
 
 Each point is `vistax train --config=<file>:<arg> --config.<key>=<value> ...` in
@@ -16,7 +18,9 @@ for a point without any). `--config.*` flags given to `vistax sweep` reach every
 the points run one after another (or `parallel` at a time), each one's output appended to
 `<point>/log.txt`; `emit` writes job scripts to `<sweep dir>/jobs/` instead and runs nothing.
 Results go to results.csv, results.md and results.png in the sweep dir, after local runs or on
-their own (`collect_only`, once cluster jobs are done).
+their own (`collect_only`, once cluster jobs are done): a column per metric (`step` is the first
+metric's; status `ok` needs them all), and a plot panel per metric with its final value per point
+or, with `curves`, its whole metrics.jsonl history per point (final values in the legend).
 
 Every launch of a point, local or by an emitted sbatch script, appends
 `{"start", "exit_code", "wall_s", "config_sha", "launcher"}` to `<point>/sweep_runs.jsonl`. A
@@ -47,11 +51,13 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-SWEEP_KEYS = ("metric", "points", "x", "name")
+SWEEP_KEYS = ("metric", "points", "x", "name", "curves")
 RUNS_FILE = "sweep_runs.jsonl"  # one line per launch of a point, in the point's directory
 LOG_FILE = "log.txt"
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.+=-]+")
 _MAX_NAME = 100
+_PANEL = (6.4, 4.2)  # inches per plot panel; 768 x 504 pixels at _DPI
+_DPI = 120
 
 
 class SweepError(ValueError):
@@ -72,21 +78,23 @@ class Sweep:
     """A validated sweep: what to run, and how to tabulate it."""
     config_arg: str  # absolute config file path, then `:arg` if one was given
     base_flags: tuple[str, ...]  # --config.* overrides given to the sweep, passed to every point
-    metric: str
+    metrics: tuple[str, ...]  # sweep.metric, a str made a 1-tuple
     x: str | None
     name: str  # sweep.name, or the config file's name and argument: titles and job names
     keys: tuple[str, ...]  # every key some point sets, in order of first appearance
     points: tuple[Point, ...]
+    curves: bool = False  # plot each metric against the training step
 
 
 @dataclasses.dataclass(frozen=True)
 class Result:
-    """What a point's directory says: its metric (None if absent or failed) and its status."""
+    """What a point's directory says: its metrics (None if absent or failed) and its status."""
     point: Point
-    value: float | None
-    step: int | None
+    values: tuple[float | None, ...]  # one per sweep.metrics, at the largest step that has it
+    step: int | None  # that of the first metric
     wall_s: float | None  # summed over the launches recorded in sweep_runs.jsonl
-    status: str  # ok | failed (exit N) | no metric | not run
+    status: str  # ok (every metric present) | failed (exit N) | no metric | not run | stale ...
+    curves: tuple[tuple[tuple[int, float], ...], ...] = ()  # per metric, (step, value) by step
 
 
 # ---- values and names ----------------------------------------------------------------------
@@ -217,9 +225,7 @@ def _sweep_entry(config, config_arg: str) -> Mapping[str, Any]:
     unknown = sorted(set(spec.keys()) - set(SWEEP_KEYS))
     if unknown:
         raise SweepError(f"sweep.{unknown[0]} is not a sweep key; expected {list(SWEEP_KEYS)}")
-    if not isinstance(spec.get("metric"), str) or not spec.get("metric"):
-        raise SweepError(f"sweep.metric={spec.get('metric')!r}: expected the metrics.jsonl key "
-                         "to tabulate, e.g. 'eval/test/accuracy'")
+    _metrics(spec.get("metric"))
     points = spec.get("points")
     if not isinstance(points, (list, tuple)) or not points:
         raise SweepError(f"sweep.points={points!r}: expected a non-empty tuple of dicts "
@@ -227,7 +233,27 @@ def _sweep_entry(config, config_arg: str) -> Mapping[str, Any]:
     for key in ("x", "name"):
         if spec.get(key) is not None and not isinstance(spec.get(key), str):
             raise SweepError(f"sweep.{key}={spec.get(key)!r}: expected a string")
+    if spec.get("curves") is not None and not isinstance(spec.get("curves"), bool):
+        raise SweepError(f"sweep.curves={spec.get('curves')!r}: expected True (plot each metric "
+                         "against the training step) or False")
     return spec
+
+
+def _metrics(metric) -> tuple[str, ...]:
+    """sweep.metric as a tuple: a metrics.jsonl key, or a non-empty tuple of distinct ones."""
+    expected = ("expected the metrics.jsonl key to tabulate, e.g. 'eval/test/accuracy', or a "
+                "non-empty tuple of such keys")
+    if isinstance(metric, str) and metric:
+        return (metric,)
+    if not isinstance(metric, (list, tuple)) or not metric:
+        raise SweepError(f"sweep.metric={metric!r}: {expected}")
+    for i, key in enumerate(metric):
+        if not isinstance(key, str) or not key:
+            raise SweepError(f"sweep.metric={metric!r}: element {i}, {key!r}, is not a "
+                             f"metrics.jsonl key; {expected}")
+        if key in metric[:i]:
+            raise SweepError(f"sweep.metric={metric!r} names {key!r} twice")
+    return tuple(metric)
 
 
 def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
@@ -323,8 +349,9 @@ def plan(config_arg: str, base_overrides: Mapping[str, Any] | None = None) -> Sw
                              f"sweep.points[{seen[sha]}] {raw_points[seen[sha]]!r}")
         seen[sha] = i
         points.append(Point(name, overrides, point_config, sha))
-    return Sweep(config_arg, base_flags, spec["metric"], spec.get("x") or None,
-                 spec.get("name") or os.path.basename(config_arg), keys, tuple(points))
+    return Sweep(config_arg, base_flags, _metrics(spec["metric"]), spec.get("x") or None,
+                 spec.get("name") or os.path.basename(config_arg), keys, tuple(points),
+                 bool(spec.get("curves")))
 
 
 # ---- running -------------------------------------------------------------------------------
@@ -546,57 +573,70 @@ def emit_jobs(sweep: Sweep, sweep_dir: str, kind: str,
 
 # ---- results -------------------------------------------------------------------------------
 
+def read_curves(path: str, metrics: Sequence[str]) -> tuple[tuple[tuple[int, float], ...], ...]:
+    """Per metric, its (step, value) pairs in metrics.jsonl `path` in step order; a later line
+    wins for a repeated step, lines that do not parse (a process killed while writing) and
+    values that are not numbers are skipped. Empty where the file or the metric is absent."""
+    found: dict[str, dict[int, float]] = {metric: {} for metric in metrics}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if not isinstance(row, dict) or not _is_number(row.get("step")):
+                    continue
+                for metric, curve in found.items():
+                    if _is_number(row.get(metric)):
+                        curve[row["step"]] = row[metric]
+    return tuple(tuple(sorted(found[metric].items())) for metric in metrics)
+
+
 def read_metric(path: str, metric: str) -> tuple[float, int] | None:
     """(value, step) of `metric` at the largest step of metrics.jsonl `path` that has it (the
     later line on a tie); None if the file or the metric is absent."""
-    if not os.path.exists(path):
-        return None
-    found = None
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a process killed while writing its line
-                continue
-            if metric in row and (found is None or row["step"] >= found[1]):
-                found = (row[metric], row["step"])
-    return found
+    (curve,) = read_curves(path, (metric,))
+    return (curve[-1][1], curve[-1][0]) if curve else None
 
 
 def collect(sweep: Sweep, sweep_dir: str) -> list[Result]:
-    """Each point's metric and status from its metrics.jsonl and sweep_runs.jsonl."""
+    """Each point's metrics, their curves and its status from its metrics.jsonl and
+    sweep_runs.jsonl. A failed point keeps its curves (up to the failure), a stale one none."""
     results = []
     for point in sweep.points:
         directory = point_dir(sweep_dir, point)
         runs = read_runs(directory)
         metrics_path = os.path.join(directory, "metrics.jsonl")
-        found = read_metric(metrics_path, sweep.metric)
+        curves = read_curves(metrics_path, sweep.metrics)
+        last = [curve[-1] if curve else None for curve in curves]  # (step, value)
         wall = sum(run.get("wall_s", 0.0) for run in runs) if runs else None
         exit_code = runs[-1].get("exit_code") if runs else 0
         if _other_config(runs, point):
-            status, found = "stale (trained with another config)", None
+            status, last, curves = "stale (trained with another config)", [None] * len(last), ()
         elif exit_code != 0:
-            status, found = f"failed (exit {exit_code})", None
-        elif found is not None:
+            status, last = f"failed (exit {exit_code})", [None] * len(last)
+        elif all(last):
             status = "ok"
         else:
             status = "no metric" if runs or os.path.exists(metrics_path) else "not run"
-        value, step = found if found else (None, None)
-        results.append(Result(point, value, step, wall, status))
+        values = tuple(found[1] if found else None for found in last)
+        step = last[0][0] if last[0] else None
+        results.append(Result(point, values, step, wall, status, curves))
     return results
 
 
 def _columns(sweep: Sweep) -> list[str]:
-    return ["point", *sweep.keys, sweep.metric, "step", "wall_s", "status"]
+    return ["point", *sweep.keys, *sweep.metrics, "step", "wall_s", "status"]
 
 
 def _cells(sweep: Sweep, result: Result) -> list[str]:
     """A result's row as text: swept keys at the point's values (the config's where unset)."""
     values = [render_value(_lookup(result.point.config, key)[1]) for key in sweep.keys]
-    metric = "" if result.value is None else repr(float(result.value))
+    metrics = ["" if value is None else repr(float(value)) for value in result.values]
     step = "" if result.step is None else str(result.step)
     wall = "" if result.wall_s is None else f"{result.wall_s:.1f}"
-    return [result.point.name, *values, metric, step, wall, result.status]
+    return [result.point.name, *values, *metrics, step, wall, result.status]
 
 
 def results_csv(sweep: Sweep, results: Sequence[Result]) -> str:
@@ -608,35 +648,45 @@ def results_csv(sweep: Sweep, results: Sequence[Result]) -> str:
 
 
 def results_markdown(sweep: Sweep, results: Sequence[Result]) -> str:
-    """A heading, where the numbers come from, and a table with the metric to 4 digits."""
+    """A heading, where the numbers come from, and a table with the metrics to 4 digits."""
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 
+    if len(sweep.metrics) == 1:
+        source = f"`{sweep.metrics[0]}` at the last step that logged it"
+    else:
+        source = (", ".join(f"`{m}`" for m in sweep.metrics) + " each at the last step that "
+                  f"logged it (`step`: that of `{sweep.metrics[0]}`)")
     lines = [f"## {sweep.name}", "",
-             f"`{sweep.metric}` at the last step that logged it; `vistax train "
-             f"--config={sweep.config_arg}` with each point's overrides.", "",
+             f"{source}; `vistax train --config={sweep.config_arg}` with each point's "
+             "overrides.", "",
              "| " + " | ".join(cell(c) for c in _columns(sweep)) + " |",
              "|" + "---|" * len(_columns(sweep))]
     for result in results:
         cells = _cells(sweep, result)
-        if result.value is not None:
-            cells[len(sweep.keys) + 1] = f"{result.value:.4g}"
+        for i, value in enumerate(result.values):
+            if value is not None:
+                cells[len(sweep.keys) + 1 + i] = f"{value:.4g}"
         lines.append("| " + " | ".join(cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_plot(sweep: Sweep, results: Sequence[Result], path: str) -> None:
-    """The metric per point as a PNG: a line over `sweep.x` if its values are numbers (log
-    scale when they span 100x or more), else bars labelled by x value or point name."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def _labels(sweep: Sweep, results: Sequence[Result]) -> tuple[list[str], str]:
+    """Each point's label and what labels are: its x value where those tell the points apart,
+    else its name."""
+    xs = [render_value(_lookup(r.point.config, sweep.x)[1]) for r in results] if sweep.x else []
+    if xs and len(set(xs)) == len(results):
+        return xs, sweep.x
+    return [r.point.name for r in results], "point"
 
-    figure = Figure(figsize=(6.4, 4.2), layout="constrained")
-    FigureCanvasAgg(figure)
-    ax = figure.add_subplot()
+
+def _plot_points(ax, sweep: Sweep, results: Sequence[Result], i: int) -> None:
+    """Metric `i` per point: a line over `sweep.x` if its values are numbers (log scale when
+    they span 100x or more), else bars labelled by x value or point name."""
+    values = [r.values[i] for r in results]
     xs = [_lookup(r.point.config, sweep.x)[1] for r in results] if sweep.x else []
     if xs and all(_is_number(x) for x in xs):
-        done = sorted((x, r.value) for x, r in zip(xs, results) if r.value is not None)
+        done = sorted((x, v) for x, v in zip(xs, values) if v is not None)
         ax.plot([x for x, _ in done], [v for _, v in done], marker="o")
         for x, value in done:
             ax.annotate(f"{value:.4g}", (x, value), textcoords="offset points", xytext=(0, 6),
@@ -645,22 +695,63 @@ def write_plot(sweep: Sweep, results: Sequence[Result], path: str) -> None:
             ax.set_xscale("log")
         ax.set_xlabel(sweep.x)
     else:
-        by_x = len({render_value(x) for x in xs}) == len(results)  # x tells the points apart
-        labels = [render_value(x) for x in xs] if by_x else [r.point.name for r in results]
-        heights = [r.value if r.value is not None else 0.0 for r in results]
+        labels, kind = _labels(sweep, results)
+        heights = [v if v is not None else 0.0 for v in values]
         ax.bar(range(len(results)), heights)
-        for i, r in enumerate(results):
-            ax.text(i, heights[i], "n/a" if r.value is None else f"{r.value:.4g}",
+        for j, value in enumerate(values):
+            ax.text(j, heights[j], "n/a" if value is None else f"{value:.4g}",
                     ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(results)), labels, rotation=30, ha="right")
-        ax.set_xlabel(sweep.x if by_x else "point")
-    if all(r.value is None for r in results):
+        ax.set_xlabel(kind)
+    if all(v is None for v in values):
         ax.text(0.5, 0.6, "no results yet", transform=ax.transAxes, ha="center")
-    ax.set_ylabel(sweep.metric)
-    ax.set_title(sweep.name)
-    ax.grid(True, alpha=0.3)
+
+
+def _plot_curves(ax, sweep: Sweep, results: Sequence[Result], i: int) -> None:
+    """Metric `i` against the step, a line per point (same color in every panel), its final
+    value (or its status, where the table has none) in the legend."""
+    labels, kind = _labels(sweep, results)
+    for j, (result, label) in enumerate(zip(results, labels)):
+        style = dict(color=f"C{j % 10}", linestyle=("-", "--", ":", "-.")[j // 10 % 4])
+        final = result.values[i]
+        final = result.status if final is None else f"{final:.4g}"
+        curve = result.curves[i] if result.curves else ()
+        steps, values = zip(*curve) if curve else ((), ())
+        ax.plot(steps, values, label=f"{label}: {final}", **style)
+        if curve:  # the last step marked: a metric logged once is a dot
+            ax.plot(steps[-1:], values[-1:], marker="o", markersize=4, **style)
+    if not any(result.curves and result.curves[i] for result in results):
+        ax.text(0.5, 0.6, "no results yet", transform=ax.transAxes, ha="center")
+    ax.legend(title=kind, fontsize=8, title_fontsize=8)
+    ax.set_xlabel("step")
+
+
+def results_figure(sweep: Sweep, results: Sequence[Result]):
+    """A matplotlib Figure with a panel per metric, two to a row: its value per point, or with
+    `sweep.curves` its curve per point. One metric: one panel titled by the sweep's name."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    count = len(sweep.metrics)
+    cols = min(count, 2)
+    rows = -(-count // cols)
+    figure = Figure(figsize=(_PANEL[0] * cols, _PANEL[1] * rows), layout="constrained")
+    FigureCanvasAgg(figure)
+    for i, metric in enumerate(sweep.metrics):
+        ax = figure.add_subplot(rows, cols, i + 1)
+        (_plot_curves if sweep.curves else _plot_points)(ax, sweep, results, i)
+        ax.set_ylabel(metric)
+        ax.set_title(sweep.name if count == 1 else metric)
+        ax.grid(True, alpha=0.3)
+    if count > 1:
+        figure.suptitle(sweep.name)
+    return figure
+
+
+def write_plot(sweep: Sweep, results: Sequence[Result], path: str) -> None:
+    """results_figure as a PNG at `path`, 768 x 504 pixels a panel."""
     partial = f"{path}.partial"
-    figure.savefig(partial, format="png", dpi=120)
+    results_figure(sweep, results).savefig(partial, format="png", dpi=_DPI)
     os.replace(partial, path)
 
 

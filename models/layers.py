@@ -174,6 +174,24 @@ class MultiHeadAttention(nnx.Module):
         y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
         return self.out(constrain(y, heads))
 
+    def weights(self, x: jax.Array) -> jax.Array:
+        """Self-attention probabilities softmax(q k^T / sqrt(head_dim)), (B, heads, T, T) in
+        float32: what `__call__` computes inside its fused kernel (for attention maps)."""
+        q, k = self.query(x).astype(jnp.float32), self.key(x).astype(jnp.float32)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+        return jax.nn.softmax(logits, axis=-1)
+
+
+class LayerScale(nnx.Module):
+    """Per-channel learned residual-branch scale (CaiT, Touvron et al. 2021; DINOv2 uses it
+    with init 1e-5)."""
+
+    def __init__(self, dim: int, init: float, *, param_dtype=jnp.float32):
+        self.gamma = nnx.Param(jnp.full((dim,), init, param_dtype), out_sharding=("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x * self.gamma[...].astype(x.dtype)
+
 
 class MAPHead(nnx.Module):
     """Multihead attention pooling (Lee et al. 2019; big_vision's `map` pooling).

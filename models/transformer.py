@@ -43,8 +43,16 @@ class Block(nnx.Module):
         self.mlp = layers.MLP(cfg.width, cfg.mlp_dim, dropout_rate=cfg.dropout,
                               activation=cfg.activation, **kw)
         self.dropout_rate = cfg.dropout
+        # LayerScale on the self-attention and MLP branches when the config asks for it (ViT's
+        # `layer_scale`; towers without the field have none).
+        scale = getattr(cfg, "layer_scale", 0.0)
+        self.ls1, self.ls2 = ((layers.LayerScale(cfg.width, scale,
+                                                 param_dtype=DTYPES[cfg.param_dtype])
+                               for _ in range(2)) if scale else (None, None))
 
-    def _residual(self, x, y, drop_path_rate, keys):
+    def _residual(self, x, y, drop_path_rate, keys, scale=None):
+        if scale is not None:
+            y = scale(y)
         y = layers.dropout(y, self.dropout_rate, keys[0])
         x = x + layers.drop_path(y, drop_path_rate, keys[1])
         return layers.constrain(x, ("batch", "length", "act_embed"))
@@ -54,12 +62,12 @@ class Block(nnx.Module):
                  context: jax.Array | None = None) -> jax.Array:
         keys = jax.random.split(rng, 7) if rng is not None else [None] * 7
         y = self.attn(self.norm1(x), mask=mask, is_causal=is_causal)
-        x = self._residual(x, y, drop_path_rate, keys[0:2])
+        x = self._residual(x, y, drop_path_rate, keys[0:2], self.ls1)
         if self.cross_attn is not None:
             y = self.cross_attn(self.norm_cross(x), context)
             x = self._residual(x, y, drop_path_rate, keys[2:4])
         y = self.mlp(self.norm2(x), keys[4])
-        return self._residual(x, y, drop_path_rate, keys[5:7])
+        return self._residual(x, y, drop_path_rate, keys[5:7], self.ls2)
 
 
 class Encoder(nnx.Module):
@@ -108,3 +116,18 @@ class Encoder(nnx.Module):
                 block_state = jax.tree.map(lambda p, i=i: p[i], stacked)
                 x = apply_block(x, block_state, rates[i], None if keys is None else keys[i])
         return x if self.norm is None else self.norm(x)
+
+    def last_attention(self, x: jax.Array) -> jax.Array:
+        """Self-attention probabilities of the last block, (B, heads, T, T), for tokens `x`
+        (evaluation: no dropout or drop path); the blocks before it run as in `__call__`."""
+        graphdef, stacked = nnx.split(self.blocks)
+        below = jax.tree.map(lambda p: p[:-1], stacked)
+        last = nnx.merge(graphdef, jax.tree.map(lambda p: p[-1], stacked))
+        rate = jnp.zeros((), jnp.float32)
+
+        def body(h, block_state):
+            return nnx.merge(graphdef, block_state)(h, rate, None), None
+
+        if self.depth > 1:
+            x, _ = jax.lax.scan(body, x, below)
+        return last.attn.weights(last.norm1(x))

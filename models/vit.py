@@ -75,6 +75,12 @@ class ViTConfig:
     # "batchnorm": BatchNorm without affine parameters before the head, the linear probe of MAE
     # (He et al. 2021, App. A.1); batch statistics when training, running averages otherwise.
     head_norm: str = "none"
+    layer_scale: float = 0.0  # > 0: LayerScale on every residual branch, this init (DINOv2: 1e-5)
+    # Accept other image sizes than image_size: learned positions are resampled bicubically to
+    # the input's patch grid in the forward pass (DINO's multi-crop: 96 px local crops on a
+    # 224 px model, Caron et al. 2021, Sec. 3.1).
+    dynamic_image_size: bool = False
+    mask_token: bool = False  # a learned token that `token_mask` puts in patches (iBOT, BEiT)
     layernorm_eps: float = 1e-6
     qkv_bias: bool = True
     activation: str = "gelu"  # gelu | gelu_tanh | quick_gelu (OpenAI CLIP)
@@ -101,6 +107,8 @@ class ViTConfig:
         layers.check_activation(self.activation)
         if self.head_init_std < 0:
             raise ValueError(f"model.head_init_std={self.head_init_std} must be >= 0.")
+        if self.layer_scale < 0:
+            raise ValueError(f"model.layer_scale={self.layer_scale} must be >= 0 (0: none).")
         if not 0.0 <= self.drop_path < 1.0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.drop_path={self.drop_path} and model.dropout={self.dropout} "
                              "must lie in [0, 1).")
@@ -156,6 +164,9 @@ class ViT(nnx.Module):
                                        (1, cfg.num_registers, d), (None, None, "embed"),
                                        param_dtype)
                           if cfg.num_registers else None)
+        self.mask_token = (layers.param(rngs, jax.nn.initializers.zeros, (1, 1, d),
+                                        (None, None, "embed"), param_dtype)
+                           if cfg.mask_token else None)
         self.pre_norm = (layers.LayerNorm(d, eps=cfg.layernorm_eps, rngs=rngs, dtype=dtype,
                                           param_dtype=param_dtype) if cfg.pre_norm else None)
         self.encoder = Encoder(cfg, rngs=rngs)
@@ -188,8 +199,12 @@ class ViT(nnx.Module):
     def num_prefix_tokens(self) -> int:
         return (self.cls_token is not None) + self.cfg.num_registers
 
-    def embed_patches(self, images: jax.Array) -> jax.Array:
-        """(B, H, W, C) images -> (B, h*w, D) patch embeddings with position embeddings added."""
+    def embed_patches(self, images: jax.Array, token_mask: jax.Array | None = None
+                      ) -> jax.Array:
+        """(B, H, W, C) images -> (B, h*w, D) patch embeddings with position embeddings added.
+
+        `token_mask` (B, h*w) bool: those patches' embeddings are replaced by the mask token
+        before positions are added (iBOT, Zhou et al. 2022; as DINOv2's reference)."""
         cfg = self.cfg
         b, h, w, c = images.shape
         p = cfg.patch_size
@@ -199,27 +214,29 @@ class ViT(nnx.Module):
         gh, gw = h // p, w // p
         patches = images.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
         x = self.patch_embed(patches.reshape(b, gh * gw, p, p, c))
+        if token_mask is not None:
+            if self.mask_token is None:
+                raise ValueError("token_mask needs a ViT built with model.mask_token=True.")
+            x = jnp.where(token_mask[..., None], self.mask_token[...].astype(x.dtype), x)
         if self.pos_embedding is not None:
             posemb = self.pos_embedding[...]
-            if (gh, gw) != cfg.grid:
+            if (gh, gw) != cfg.grid and not cfg.dynamic_image_size:
                 raise ValueError(f"ViT built for {cfg.image_size}px images got {h}x{w}; set "
-                                 "model.image_size (checkpoints are resampled when loaded).")
+                                 "model.image_size (checkpoints are resampled when loaded) or "
+                                 "model.dynamic_image_size=True.")
+            if (gh, gw) != cfg.grid:
+                posemb = interpolate_posemb(posemb, cfg.grid, (gh, gw))
         else:
             style = "mae" if cfg.posemb == "sincos2d_mae" else "mocov3"
             posemb = layers.sincos_posemb_2d(gh, gw, cfg.width, style=style)
         return x + jnp.asarray(posemb).astype(x.dtype)
 
-    def __call__(self, images: jax.Array, *, rng: jax.Array | None = None,
-                 keep: jax.Array | None = None) -> tuple[jax.Array, dict]:
-        """Returns (logits, or the pooled representation if there is no head; intermediates).
-
-        `rng` (training) enables dropout and drop path, and batch statistics in `head_norm`.
-        `keep` (B, K) int: indices of the patches to encode (MAE's visible patches, after
-        their position embeddings are added); the encoder then costs K tokens, not h*w.
-        """
+    def tokens(self, images: jax.Array, *, rng: jax.Array | None = None,
+               keep: jax.Array | None = None, token_mask: jax.Array | None = None
+               ) -> jax.Array:
+        """The encoder's input: [cls] + [registers] + embedded patches, (B, T, D)."""
         cfg = self.cfg
-        out = {}
-        x = self.embed_patches(images)
+        x = self.embed_patches(images, token_mask)
         if keep is not None:
             x = jnp.take_along_axis(x, keep[..., None].astype(jnp.int32), axis=1)
         x = layers.constrain(x, ("batch", "length", "act_embed"))
@@ -231,10 +248,34 @@ class ViT(nnx.Module):
             prefix.append(jnp.broadcast_to(self.registers[...].astype(x.dtype),
                                            (b, cfg.num_registers, cfg.width)))
         x = jnp.concatenate(prefix + [x], axis=1) if prefix else x
+        x = layers.dropout(x, cfg.dropout, rng)
+        return x if self.pre_norm is None else self.pre_norm(x)
+
+    def cls_attention(self, images: jax.Array) -> jax.Array:
+        """The last block's attention from the cls token to every patch, per head:
+        (B, heads, h, w), rows summing to 1 with the prefix tokens' share (DINO, Fig. 1/3)."""
+        if self.cls_token is None:
+            raise ValueError(f"cls_attention needs a ViT with a cls token (model.pool='cls'), "
+                             f"not pool={self.cfg.pool!r}.")
+        weights = self.encoder.last_attention(self.tokens(images))
+        p = self.cfg.patch_size
+        grid = (images.shape[1] // p, images.shape[2] // p)
+        return weights[:, :, 0, self.num_prefix_tokens:].reshape(weights.shape[:2] + grid)
+
+    def __call__(self, images: jax.Array, *, rng: jax.Array | None = None,
+                 keep: jax.Array | None = None, token_mask: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict]:
+        """Returns (logits, or the pooled representation if there is no head; intermediates).
+
+        `rng` (training) enables dropout and drop path, and batch statistics in `head_norm`.
+        `keep` (B, K) int: indices of the patches to encode (MAE's visible patches, after
+        their position embeddings are added); the encoder then costs K tokens, not h*w.
+        `token_mask` (B, h*w) bool: patches replaced by the mask token (iBOT's student).
+        """
+        cfg = self.cfg
+        out = {}
         keys = jax.random.split(rng, 2) if rng is not None else (None, None)
-        x = layers.dropout(x, cfg.dropout, keys[0])
-        if self.pre_norm is not None:
-            x = self.pre_norm(x)
+        x = self.tokens(images, rng=keys[0], keep=keep, token_mask=token_mask)
         encoded = self.encoder(x, keys[1])
         out["encoded"] = encoded
         out["patch_tokens"] = encoded[:, self.num_prefix_tokens:]
@@ -257,6 +298,17 @@ class ViT(nnx.Module):
         logits = self.head(pooled)
         out["logits"] = logits
         return logits, out
+
+
+def interpolate_posemb(posemb: jax.Array, grid: tuple[int, int], new_grid: tuple[int, int]
+                       ) -> jax.Array:
+    """Learned (1, h*w, D) positions resampled bicubically to `new_grid` in the forward pass,
+    without antialiasing, as DINO's `interpolate_pos_encoding` (PyTorch's bicubic resize)."""
+    dim = posemb.shape[-1]
+    img = posemb.astype(jnp.float32).reshape(1, grid[0], grid[1], dim)
+    img = jax.image.resize(img, (1, new_grid[0], new_grid[1], dim), method="bicubic",
+                           antialias=False)
+    return img.reshape(1, new_grid[0] * new_grid[1], dim).astype(posemb.dtype)
 
 
 def flops_per_example(cfg: ViTConfig) -> float:

@@ -14,8 +14,13 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 # Many tests build the same programs in fresh Experiments; a persistent compilation cache
-# (per test session) compiles each distinct program once.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="vistax-jax-cache-"))
+# (per test session) compiles each distinct program once. The directory is made by the first
+# process that imports this file (pytest-xdist's controller) and inherited through the
+# environment by its workers, so a program one worker compiled is read by the other.
+_CACHE_ENV = "VISTAX_TEST_JAX_CACHE"
+if not os.environ.get(_CACHE_ENV):
+    os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="vistax-jax-cache-")
+jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

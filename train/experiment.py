@@ -188,9 +188,14 @@ class Experiment:
             raise ValueError(f"duration={config.duration!r} is less than one step.")
         warmup = durations.steps("schedule.warmup", config.schedule.warmup, global_batch=batch,
                                  epoch_size=self.epoch_size)
+        self.objective.configure_run(
+            total_steps=self.total_steps,
+            steps=lambda key, text: durations.steps(key, text, global_batch=batch,
+                                                    epoch_size=self.epoch_size))
         self.optimizer = optimizer_lib.make_optimizer(config, abstract_params,
                                                       total_steps=self.total_steps,
-                                                      warmup_steps=warmup)
+                                                      warmup_steps=warmup,
+                                                      epoch_size=self.epoch_size)
         with self.context():
             abstract = jax.eval_shape(self._init_state, self._key_data(0))
         self.state_shardings = sharding.tree_shardings(abstract, self.mesh, self.rules)

@@ -73,10 +73,13 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() for k, v in sd.items() if hasattr(v, "float")}
 
 
-def read_params(path: str, step: int | None = None, importer=None) -> dict[str, np.ndarray]:
+def read_params(path: str, step: int | None = None, importer=None, tree: str = "params"
+                ) -> dict[str, np.ndarray]:
     """All parameters of a checkpoint as {name: numpy array}.
 
     `importer(state_dict) -> nested params` converts a foreign weight file (see module doc).
+    `tree` is the part of a vistax checkpoint's state read as parameters: "params", or e.g.
+    "extra/teacher" (DINO's EMA teacher, the network its paper evaluates).
     """
     if path.endswith(WEIGHT_FILES):
         if importer is None:
@@ -85,12 +88,23 @@ def read_params(path: str, step: int | None = None, importer=None) -> dict[str, 
         return _flatten(importer(read_state_dict(path)))
     state_dir = os.path.join(_step_dir(path, step), "state")
     checkpointer = ocp.PyTreeCheckpointer()
-    meta = checkpointer.metadata(state_dir).item_metadata["params"]
+    meta = checkpointer.metadata(state_dir).item_metadata
+    keys = tree.split("/")
+    for depth, key in enumerate(keys):
+        if not hasattr(meta, "keys") or key not in meta.keys():
+            have = sorted(meta.keys()) if hasattr(meta, "keys") else []
+            raise ValueError(f"init_from.tree={tree!r}: the checkpoint in {state_dir} has no "
+                             f"{'/'.join(keys[:depth + 1])!r}; it has {have} there.")
+        meta = meta[key]
     item = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta)
     args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+    for key in reversed(keys):
+        item, args = {key: item}, {key: args}
     restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item={"params": item}, restore_args={"params": args}, partial_restore=True))
-    return _flatten(restored["params"])
+        item=item, restore_args=args, partial_restore=True))
+    for key in keys:
+        restored = restored[key]
+    return _flatten(restored)
 
 
 def _source_name(name: str, rename) -> str:
@@ -104,7 +118,7 @@ def apply(cfg, params, importer=None):
 
     Also returns a summary (names loaded, names kept fresh) for the log.
     """
-    source = read_params(cfg.path, cfg.get("step"), importer)
+    source = read_params(cfg.path, cfg.get("step"), importer, cfg.get("tree") or "params")
     rename = []
     for pair in cfg.get("rename", ()):
         if len(pair) != 2:

@@ -8,7 +8,18 @@ over the trainable parameters.
 Weight decay adds rate x param to the update before the learning rate is applied, as optax
 and PyTorch do: for adamw that is decoupled decay scaled by the learning rate (PyTorch's AdamW,
 used by DeiT); for lamb it enters the trust ratio (You et al. 2020); for sgd and lars it is an
-L2 term that passes through momentum (PyTorch SGD, and LARS as in You et al. 2017).
+L2 term that passes through momentum (PyTorch SGD, and LARS as in You et al. 2017). With
+`optimizer.weight_decay_end` set, the rate follows a cosine from `weight_decay` to it over the
+run (DINO: 0.04 -> 0.4, Caron et al. 2021, App. "Implementation details").
+
+Self-distillation adds two more per-parameter controls: `grad_clip_per_param` rescales each
+parameter's gradient to at most that L2 norm (DINO's clipping at 3.0; the leaves of stacked
+blocks are clipped layer by layer, as the reference's separate per-layer tensors), and
+`param_groups.hold` keeps parameters fixed for the first part of the run (DINO's last layer
+during the first epoch): their gradients are zeroed before the optimizer and their updates
+after it, so neither moments nor weight decay move them, as PyTorch skips a parameter whose
+gradient is None. (Adam's bias correction then counts the held steps, which PyTorch's
+per-parameter step count does not: the first updates after the hold are a little smaller.)
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vistax.train import param_groups
+from vistax.train import durations, param_groups
 
 OPTIMIZERS = ("adamw", "lamb", "lars", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -74,12 +85,55 @@ def _per_leaf_scale(scales) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def _decoupled_weight_decay(rates) -> optax.GradientTransformation:
-    """Adds rate x param to each update, before the learning rate (see module docstring)."""
+def _decoupled_weight_decay(rates, factor: optax.Schedule | None = None
+                            ) -> optax.GradientTransformation:
+    """Adds rate x factor(step) x param to each update, before the learning rate (see module
+    docstring); factor 1 when not given."""
 
     def update(updates, state, params):
-        return jax.tree.map(lambda u, p, r: u if r == 0.0 or _is_masked(u) else u + r * p,
-                            updates, params, rates, is_leaf=_is_masked), state
+        scale = 1.0 if factor is None else factor(state.count)
+        updates = jax.tree.map(
+            lambda u, p, r: u if r == 0.0 or _is_masked(u) else u + (r * scale) * p,
+            updates, params, rates, is_leaf=_is_masked)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_int32_increment(state.count))
+
+    return optax.GradientTransformation(
+        lambda _: optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)), update)
+
+
+def _hold(hold_steps) -> optax.GradientTransformation:
+    """Zeroes the leaves whose `hold_steps` (a tree of ints, 0 = never) exceed the step count."""
+
+    def update(updates, state, params=None):
+        del params
+        updates = jax.tree.map(
+            lambda u, n: u if n == 0 or _is_masked(u) else jnp.where(state.count < n, 0, u
+                                                                     ).astype(u.dtype),
+            updates, hold_steps, is_leaf=_is_masked)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_int32_increment(state.count))
+
+    return optax.GradientTransformation(
+        lambda _: optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)), update)
+
+
+PER_PARAM_CLIP_EPS = 1e-6  # DINO's clip_gradients: scale = clip / (norm + 1e-6)
+
+
+def _clip_per_param(max_norm: float, stacked) -> optax.GradientTransformation:
+    """Rescales each parameter's gradient to L2 norm <= max_norm; leaves marked `stacked` (a
+    bool tree) hold one parameter per index of their leading (layer) axis."""
+
+    def clip(g, is_stacked):
+        if _is_masked(g):
+            return g
+        axes = tuple(range(1, g.ndim)) if is_stacked else None
+        norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)), axis=axes, keepdims=True))
+        scale = jnp.minimum(1.0, max_norm / (norm + PER_PARAM_CLIP_EPS))
+        return (g * scale).astype(g.dtype)
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(clip, updates, stacked, is_leaf=_is_masked), state
 
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
@@ -98,6 +152,7 @@ class ParamGroups:
     decays: object  # bool: decoupled weight decay (and LARS trust ratio) applies
     wd_rates: object  # float: weight_decay x wd multiplier, 0 where not decayed
     lr_mults: object  # float, or a numpy array of per-layer factors for stacked blocks
+    stacked: object  # bool: a stack of per-layer parameters along the leading axis
 
 
 def param_group_trees(config, params) -> ParamGroups:
@@ -123,7 +178,36 @@ def param_group_trees(config, params) -> ParamGroups:
         trainable=jax.tree.map(lambda f: not f, frozen), decays=decays,
         wd_rates=jax.tree.map(lambda d, m: float(opt.weight_decay) * m if d else 0.0, decays,
                               wd_mults),
-        lr_mults=lr_mults)
+        lr_mults=lr_mults,
+        stacked=param_groups.mask(params, "param_groups.stacked", (groups.stacked,),
+                                  required=False))  # a model may have no stacked blocks
+
+
+def hold_steps(config, params, *, epoch_size: int | None):
+    """Tree like `params` of the steps each parameter is held fixed (param_groups.hold)."""
+    hold = config.param_groups.get("hold", ())
+    rules = []
+    for i, entry in enumerate(hold or ()):
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2
+                and isinstance(entry[0], str)):
+            raise ValueError(f"param_groups.hold: expected ((regex, duration), ...), got entry "
+                             f"{entry!r}.")
+        rules.append((entry[0], durations.steps(f"param_groups.hold[{i}]", entry[1],
+                                                global_batch=config.input.batch_size,
+                                                epoch_size=epoch_size)))
+    return param_groups.assign(params, "param_groups.hold", rules, 0)
+
+
+def weight_decay_factor(config, total_steps: int) -> optax.Schedule | None:
+    """Cosine from 1 to weight_decay_end / weight_decay over the run, or None (constant)."""
+    opt = config.optimizer
+    end = opt.get("weight_decay_end")
+    if end is None:
+        return None
+    if end < 0 or not opt.weight_decay:
+        raise ValueError(f"optimizer.weight_decay_end={end} needs optimizer.weight_decay > 0 "
+                         f"(got {opt.weight_decay}) and must be >= 0.")
+    return optax.cosine_decay_schedule(1.0, max(total_steps, 1), alpha=end / opt.weight_decay)
 
 
 def layer_decay_mults(params, groups):
@@ -153,18 +237,27 @@ def layer_decay_mults(params, groups):
     return jax.tree.map(factor, params, blocks, embed)
 
 
-def make_optimizer(config, params, *, total_steps: int, warmup_steps: int) -> Optimizer:
-    """Builds the optimizer for `params` (an abstract or concrete parameter tree)."""
+def make_optimizer(config, params, *, total_steps: int, warmup_steps: int,
+                   epoch_size: int | None = None) -> Optimizer:
+    """Builds the optimizer for `params` (an abstract or concrete parameter tree);
+    `epoch_size` converts durations in epochs (param_groups.hold)."""
     opt = config.optimizer
+    clip = config.get("grad_clip_per_param")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"grad_clip_per_param={clip} must be > 0 (or None: off).")
     groups = param_group_trees(config, params)
     schedule = make_schedule(config.schedule, total_steps=total_steps, warmup_steps=warmup_steps,
                              batch_size=config.input.batch_size)
-    chain = []
+    held = hold_steps(config, params, epoch_size=epoch_size)
+    holding = any(jax.tree.leaves(held))
+    chain = [_hold(held)] if holding else []
+    if clip is not None:
+        chain.append(_clip_per_param(float(clip), groups.stacked))
     if config.grad_clip_norm:
         chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
     if opt.name in ("adamw", "lamb"):
         chain.append(optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps))
-    chain.append(_decoupled_weight_decay(groups.wd_rates))
+    chain.append(_decoupled_weight_decay(groups.wd_rates, weight_decay_factor(config, total_steps)))
     if opt.name == "lamb":  # You et al. 2020, Alg. 2: layer-wise trust ratio on every tensor
         chain.append(optax.scale_by_trust_ratio())
     if opt.name == "lars":  # You et al. 2017; biases and norms are exempt, like weight decay
@@ -176,6 +269,8 @@ def make_optimizer(config, params, *, total_steps: int, warmup_steps: int) -> Op
     chain.append(optax.scale_by_learning_rate(schedule))
     if not all(_is_one(m) for m in jax.tree.leaves(groups.lr_mults)):
         chain.append(_per_leaf_scale(groups.lr_mults))
+    if holding:
+        chain.append(_hold(held))
     tx = optax.chain(*chain)
     if not all(jax.tree.leaves(groups.trainable)):
         labels = jax.tree.map(lambda t: "trainable" if t else "frozen", groups.trainable)

@@ -27,8 +27,10 @@ def compile_regex(key: str, pattern: str) -> re.Pattern:
         raise ValueError(f"{key}: invalid regex {pattern!r}: {e}") from None
 
 
-def assign(tree, key: str, rules: Sequence[tuple[str, object]], default):
-    """A tree like `tree` whose leaves are the value of the first rule whose regex matches."""
+def assign(tree, key: str, rules: Sequence[tuple[str, object]], default, *,
+           required: bool = True):
+    """A tree like `tree` whose leaves are the value of the first rule whose regex matches;
+    a rule that matches nothing is an error unless `required` is False."""
     compiled = [(compile_regex(key, pattern), value) for pattern, value in rules]
     leaf_names = names(tree)
     used = [False] * len(compiled)
@@ -42,16 +44,16 @@ def assign(tree, key: str, rules: Sequence[tuple[str, object]], default):
 
     values = [pick(n) for n in leaf_names]
     for (pattern, _), hit in zip(rules, used):
-        if not hit:
+        if required and not hit:
             examples = ", ".join(leaf_names[:4])
             raise ValueError(f"{key}: pattern {pattern!r} matches no parameter "
                              f"(names look like: {examples}, ...).")
     return jax.tree.unflatten(jax.tree.structure(tree), values)
 
 
-def mask(tree, key: str, patterns: Sequence[str]):
+def mask(tree, key: str, patterns: Sequence[str], *, required: bool = True):
     """Boolean tree: True where any of `patterns` matches the leaf's path."""
-    return assign(tree, key, [(p, True) for p in patterns], False)
+    return assign(tree, key, [(p, True) for p in patterns], False, required=required)
 
 
 def as_pairs(key: str, value) -> list[tuple[str, float]]:

@@ -35,7 +35,7 @@ def make_train_step(objective: Objective, graphdef, optimizer: Optimizer, *, acc
                     batch_axes, prng_impl: str):
     """Builds step(state, batch) for `objective` with gradient accumulation over `accum_steps`."""
 
-    def loss_fn(params, model_state, extra, batch, rng):
+    def loss_fn(params, model_state, extra, batch, rng, step):
         # Frozen parameters (param_groups.freeze) are constants to the gradient: the backward
         # pass that only they need is never built (XLA would also drop it as dead code, since
         # their gradients feed nothing), so a frozen backbone under a probe costs its forward.
@@ -43,30 +43,30 @@ def make_train_step(objective: Objective, graphdef, optimizer: Optimizer, *, acc
                               optimizer.trainable)
         # copy=True: fresh Variables of this trace, so BatchNorm statistics can be updated here.
         model = nnx.merge(graphdef, params, model_state, copy=True)
-        loss, metrics, stats = objective.loss(model, extra, batch, rng)
+        loss, metrics, stats = objective.loss(model, extra, batch, rng, step)
         new_model_state = nnx.state(model, nnx.Not(nnx.Param))
         return loss, ((metrics, stats), new_model_state)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def gradients(params, model_state, extra, batch, rng):
+    def gradients(params, model_state, extra, batch, rng, step):
         """(loss, (metrics, stats), model_state, grads), averaged over microbatches."""
         if accum_steps == 1:
-            (loss, (aux, model_state)), grads = grad_fn(params, model_state, extra, batch, rng)
+            (loss, (aux, model_state)), grads = grad_fn(params, model_state, extra, batch, rng, step)
             return loss, aux, model_state, grads
 
         def body(carry, xs):
             grads_sum, loss_sum, aux_sum, mstate = carry
             index, microbatch = xs
             (loss, (aux, mstate)), grads = grad_fn(params, mstate, extra, microbatch,
-                                                   jax.random.fold_in(rng, index))
+                                                   jax.random.fold_in(rng, index), step)
             grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
             aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
             return (grads_sum, loss_sum + loss, aux_sum, mstate), None
 
         microbatches = split_microbatches(batch, accum_steps, batch_axes)
         first = jax.tree.map(lambda x: x[0], microbatches)
-        aux_shape = jax.eval_shape(lambda: grad_fn(params, model_state, extra, first, rng)[0][1][0])
+        aux_shape = jax.eval_shape(lambda: grad_fn(params, model_state, extra, first, rng, step)[0][1][0])
         zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
                  jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape), model_state)
         (grads, loss, aux, model_state), _ = jax.lax.scan(
@@ -80,7 +80,7 @@ def make_train_step(objective: Objective, graphdef, optimizer: Optimizer, *, acc
         rng = jax.random.fold_in(key, state["step"])
         params = state["params"]
         loss, (metrics, stats), model_state, grads = gradients(
-            params, state["model_state"], state["extra"], batch, rng)
+            params, state["model_state"], state["extra"], batch, rng, state["step"])
         grad_norm = trainable_global_norm(grads, optimizer.trainable)
         updates, opt_state = optimizer.tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)

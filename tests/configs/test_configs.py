@@ -152,6 +152,29 @@ def test_mae_paper_presets_build_against_a_prepared_imagenet(name, fake_imagenet
         assert c.optimizer.name == "lars" and c.model.head_norm == "batchnorm"
 
 
+def test_dino_paper_preset_builds_against_a_prepared_imagenet(fake_imagenet):
+    """Traces DINOv2-on-S/16's step (2 x 224 + 8 x 96 crops, block masks on the 14 x 14 grid)
+    and its k-NN and attention-map evaluators."""
+    from vistax.configs import dino
+    c = dino.get_config("S/16,v2=True")
+    c.input.data_dir = fake_imagenet
+    exp = experiment.Experiment(c)
+    assert exp.total_steps >= 1
+    assert (c.dino.teacher, c.dino.ibot_weight, c.dino.koleo_weight) == ("sinkhorn", 1.0, 0.1)
+    assert c.model.num_registers == 4 and c.model.layer_scale == 1e-5
+    assert "dino_multicrop(224, 96, 8, flip=True)" in c.input.pp and "ibot_masks(14)" in c.input.pp
+    default = dino.get_config("B/16")
+    assert (default.dino.teacher_temp, default.dino.student_temp, default.dino.center_momentum,
+            default.dino.momentum_teacher, default.dino.head.out_dim) == (0.04, 0.1, 0.9, 0.996,
+                                                                          65536)
+    assert default.grad_clip_per_param == 3.0 and default.optimizer.weight_decay_end == 0.4
+    best = dino.get_config("S/16,recipe=best")
+    assert best.dino.teacher_temp == 0.07 and best.dino.warmup_teacher_temp_epochs == "30 epochs"
+    points = dino.get_config("tiny,sweep=collapse").sweep.points
+    assert [dict(p) for p in points] == [{}, {"dino.teacher": "none"},
+                                         {"dino.teacher_temp": 0.1, "dino.warmup_teacher_temp": 0.1}]
+
+
 def test_mae_sweeps_declare_their_points():
     from vistax.configs import mae
     ratios = [p["mae.mask_ratio"] for p in mae.get_config("tiny,sweep=mask_ratio").sweep.points]
@@ -194,7 +217,7 @@ def tiny(**overrides):
      r"sharding_rules maps 'batch' to unknown mesh axis 'pipe'"),
     ({"optimizer.name": "adam"}, r"optimizer\.name='adam'"),
     ({"schedule.name": "poly"}, r"schedule\.name='poly'"),
-    ({"objective": "dino"}, r"objective='dino'"),
+    ({"objective": "byol"}, r"objective='byol'"),
     ({"grad_accum_steps": 3}, r"grad_accum_steps=3 must be >= 1 and divide input\.batch_size=128"),
     ({"grad_accum_steps": 0}, r"grad_accum_steps=0"),
     ({"grad_accum_steps": 32}, r"input\.batch_size=128 / grad_accum_steps=32 = 4 is not divisible"),

@@ -2,9 +2,10 @@
 with scikit-learn's LogisticRegression (same objective, same optimum), masked garbage rows change
 nothing, and on 8 devices the evaluator equals the fit on the unpadded split and normalises test
 features with the train split's statistics only. k-NN: equals a brute-force numpy k-NN (DINO's
-exp(sim / T) votes) on 8 devices and on 1, in chunks or not, and padding rows (made the most
-similar rows there are) are never neighbours. Both run end to end on `digits` with a small ViT;
-config and pp errors name the key."""
+exp(sim / T) votes) on 8 devices and on 1, in chunks or not, for one k or DINO's list of k
+(one clamped to the train split) on a test split smaller than one batch, and padding rows (made
+the most similar rows there are) are never neighbours. Both run end to end on `digits` with a
+small ViT, beside few-shot ridge; config and pp errors name the key."""
 
 import functools
 
@@ -149,30 +150,52 @@ def brute_force_knn(train, train_label, test, *, k, temperature, num_classes):
     return np.argsort(-votes, axis=1, kind="stable")[:, :5]
 
 
-@pytest.mark.parametrize("k, budget", [(20, linear_probe.SIMILARITY_BUDGET), (5, 300)],
-                         ids=["defaults", "k5-chunked"])
-def test_knn_equals_brute_force(experiment, split_array_context, monkeypatch, k, budget):
+DINO_KS = (10, 20, 100, 200)  # Caron et al. 2021, Sec. 4 / their eval_knn.py
+
+
+@pytest.mark.parametrize("k, temperature, budget, sizes, batch_size", [
+    (20, 0.07, linear_probe.SIMILARITY_BUDGET, (203, 77), 16),
+    (5, 0.07, 300, (203, 77), 16),
+    (DINO_KS, 0.5, 150 * 6 * 16, (150, 37), 64),
+], ids=["defaults", "k5-chunked", "dino-ks-small-test"])
+def test_knn_equals_brute_force(experiment, split_array_context, monkeypatch, k, temperature,
+                                budget, sizes, batch_size):
     """Padding rows are copies of test examples (similarity 1) under wrong labels: chosen as
-    neighbours, or counted as test examples, they would change the result."""
+    neighbours, or counted as test examples, they would change the result. Budget 300: chunks
+    of 1 test row; dino-ks: 37 test examples (fewer than DINO's 100 chunks, and than one batch
+    of 64) in chunks of 16 (one chunk all padding), k = 200 clamped to the 150 train examples
+    and every k served by one top-150 search (T = 0.5, so that far neighbours count and the
+    ks disagree)."""
     exp, state = experiment
-    monkeypatch.setattr(linear_probe, "SIMILARITY_BUDGET", budget)  # 300: chunks of 1 row
-    rng = np.random.default_rng(k)
+    monkeypatch.setattr(linear_probe, "SIMILARITY_BUDGET", budget)
+    ks = k if isinstance(k, tuple) else (k,)
+    rng = np.random.default_rng(ks[0])
     classes, dim = 6, 10
     centres = rng.normal(size=(classes, dim))
-    x, y = blobs(rng, 203, centres, 1.2)
-    x_test, y_test = blobs(rng, 77, centres, 1.2)
+    (n_train, n_test) = sizes
+    x, y = blobs(rng, n_train, centres, 1.2)
+    x_test, y_test = blobs(rng, n_test, centres, 1.2)
     padding = {"image": x_test[:11], "label": (y_test[:11] + 1) % classes}
     ctx = split_array_context(exp, IDENTITY, {"train": {"image": x, "label": y},
                                               "test": {"image": x_test, "label": y_test}},
                               padding=padding)
-    result = KnnEvaluator("knn", evaluator_config("knn", k=k), ctx).run(state)
+    cfg = evaluator_config("knn", k=k, temperature=temperature, batch_size=batch_size)
+    result = KnnEvaluator("knn", cfg, ctx).run(state)
 
-    ranked = brute_force_knn(x, y, x_test, k=k, temperature=0.07, num_classes=classes)
-    expected = {"accuracy": np.mean(ranked[:, 0] == y_test),
-                "top5_accuracy": np.mean((ranked == y_test[:, None]).any(1)),
-                "num_train": 203.0, "num_test": 77.0}
+    expected = {"num_train": float(n_train), "num_test": float(n_test)}
+    for each in ks:
+        ranked = brute_force_knn(x, y, x_test, k=min(each, n_train), temperature=temperature,
+                                 num_classes=classes)
+        expected[f"accuracy_k{each}"] = np.mean(ranked[:, 0] == y_test)
+        expected[f"top5_accuracy_k{each}"] = np.mean((ranked == y_test[:, None]).any(1))
+        assert 0.3 < expected[f"accuracy_k{each}"] < 0.95
+    if n_train < max(ks):
+        expected[f"k_used_k{max(ks)}"] = float(n_train)
+    expected["accuracy"] = expected[f"accuracy_k{ks[0]}"]
+    expected["top5_accuracy"] = expected[f"top5_accuracy_k{ks[0]}"]
     assert result == expected
-    assert 0.3 < expected["accuracy"] < 0.95
+    if len(ks) > 1:  # the ks disagree somewhere, so each k's votes are its own
+        assert len({expected[f"accuracy_k{each}"] for each in ks}) > 1
 
 
 def test_knn_votes_equal_brute_force_per_example():
@@ -210,6 +233,10 @@ def test_checks_name_the_key(experiment, split_array_context):
         ("linear_probe", dict(encoder="logits"), r"evals\.e\.encoder='logits': the objective "
                                                  r"offers \['features'\]"),
         ("knn", dict(k=0), r"evals\.e\.k=0 must be an int >= 1"),
+        ("knn", dict(k=[]), r"evals\.e\.k=\[\] must be an int >= 1 or a non-empty list of "
+                            r"distinct ones"),
+        ("knn", dict(k=(10, 20, 10)), r"evals\.e\.k=\(10, 20, 10\) must be an int >= 1 or"),
+        ("knn", dict(k=(10, 2.5)), r"evals\.e\.k=\(10, 2\.5\) must be an int >= 1 or"),
         ("knn", dict(temperature=0.0), r"evals\.e\.temperature=0\.0 must be a finite number > 0"),
         ("knn", dict(num_classes=2.5), r"evals\.e\.num_classes=2\.5 must be an int >= 1"),
         ("knn", dict(steps=10), r"evals\.e\.steps is not a key of type 'knn'"),
@@ -222,8 +249,8 @@ def test_checks_name_the_key(experiment, split_array_context):
     with pytest.raises(ValueError, match=r"evals\.e\.num_classes=10 but 'synthetic' 'train' "
                                          r"has label 11"):
         LinearProbeEvaluator("e", evaluator_config("linear_probe", num_classes=10), ctx).run(state)
-    with pytest.raises(ValueError, match=r"evals\.e\.k=20 is more than the 12 examples"):
-        KnnEvaluator("e", evaluator_config("knn"), ctx).run(state)
+    clamped = KnnEvaluator("e", evaluator_config("knn", k=(20, 3)), ctx).run(state)
+    assert clamped["k_used_k20"] == 12.0 and "k_used_k3" not in clamped  # k <= 12 examples
     ctx.splits["test"]["label"] = np.array([0, 3, 12, 15, 1], np.int32)
     for type_name, cfg in (("linear_probe", {}), ("knn", {"k": 3})):
         with pytest.raises(ValueError, match=r"evals\.e: 2 examples of 'synthetic' 'test' have "
@@ -243,27 +270,34 @@ def test_checks_name_the_key(experiment, split_array_context):
 # -- end to end --------------------------------------------------------------------------------
 
 def test_end_to_end_on_digits(small_vit_config):
-    """Both evaluators through an Experiment (pre-flight, real pipeline) on a random small ViT,
-    on one device (the tests above shard): every example of each split counted once, and well
-    above chance (10%) on its features."""
+    """The frozen-feature evaluators through an Experiment (pre-flight, real pipeline) on a
+    random small ViT, on one device (the tests above shard): k-NN with DINO's list of k and
+    few-shot ridge with big_vision's defaults (tests/evals/test_fewshot.py) beside the probe.
+    Every example of each split counted once, and well above chance (10%) on its features."""
     config = small_vit_config()
     test = config.evals.test
     common = dict(dataset="digits", train_split="train", test_split="test", pp=test.pp,
                   batch_size=64, every="6 steps")
     config.evals = ml_collections.ConfigDict({
         "probe": dict(common, type="linear_probe"),
-        "knn": dict(common, type="knn")})
+        "knn": dict(common, type="knn", k=list(DINO_KS)),
+        "fewshot": dict(common, type="fewshot_ridge")})
     exp = Experiment(config, devices=jax.devices()[:1])
     state = exp.init_state(seed=0)
     sizes = {split: pipeline.split_size("digits", split, data_dir=config.input.data_dir)
              for split in ("train", "test")}
-    probe = exp.evaluators["probe"].run(state)
-    knn = exp.evaluators["knn"].run(state)
+    results = {name: evaluator.run(state) for name, evaluator in exp.evaluators.items()}
+    probe, knn, few = results["probe"], results["knn"], results["fewshot"]
     assert set(probe) == {"accuracy", "loss", "train_accuracy", "train_loss", "probe_steps",
                           "num_train", "num_test"}
-    assert set(knn) == {"accuracy", "top5_accuracy", "num_train", "num_test"}
-    for result in (probe, knn):
+    assert set(knn) == {"accuracy", "top5_accuracy", "num_train", "num_test",
+                        *(f"{m}_k{k}" for k in DINO_KS for m in ("accuracy", "top5_accuracy"))}
+    assert set(few) == {"accuracy_1shot", "accuracy_5shot", "accuracy_10shot",
+                        "accuracy_25shot", "num_train", "num_test"}
+    for result in results.values():
         assert (result["num_train"], result["num_test"]) == (sizes["train"], sizes["test"])
-    assert probe["accuracy"] > 0.7 and knn["accuracy"] > 0.4  # 0.87 and 0.66 at seed 0
+    assert probe["accuracy"] > 0.7 and knn["accuracy"] > 0.4  # 0.86, 0.68 (k = 10) at seed 0
     assert probe["train_accuracy"] >= probe["accuracy"] and probe["loss"] < 1.0
-    assert knn["top5_accuracy"] > knn["accuracy"]
+    assert knn["top5_accuracy"] > knn["accuracy"] == knn["accuracy_k10"]
+    assert few["accuracy_1shot"] > 0.2 and few["accuracy_25shot"] > few["accuracy_1shot"] + 0.1
+    # 0.24, 0.40, 0.51, 0.58 at 1, 5, 10, 25 shots at seed 0 (l2_reg 2^10 for D = 64)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vistax.evals import reconstruction
+from vistax.evals import pictures, reconstruction
 from vistax.models import mae
 
 
@@ -40,10 +40,10 @@ def test_rows_report_the_error_on_hidden_pixels_and_paste_visible_ones():
 
 
 def test_photos_come_from_scikit_image_and_bad_names_are_named():
-    photo = Image.open(io.BytesIO(reconstruction._photo_bytes("astronaut")))
+    photo = Image.open(io.BytesIO(pictures.photo_bytes("astronaut")))
     assert photo.size == (512, 512) and photo.mode == "RGB"
     with pytest.raises(ValueError, match="photo 'astronut' is not a scikit-image data image"):
-        reconstruction._photo_bytes("astronut")
+        pictures.photo_bytes("astronut")
 
 
 def test_config_errors_name_the_key():

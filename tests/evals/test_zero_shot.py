@@ -136,8 +136,8 @@ def test_checks_name_the_key(experiment, evaluator, monkeypatch):
         evaluator(exp, encoders, {}, templates=["a photo"])
     with pytest.raises(ValueError, match=r"evals\.zs\.class_names='birds'"):
         evaluator(exp, encoders, {}, class_names="birds")
-    with pytest.raises(ValueError, match=r"evals\.zs\.image_encoder='image_features'"):
-        evaluator(exp, encoders, {}, image_encoder="image_features")
+    with pytest.raises(ValueError, match=r"evals\.zs\.image_encoder='features'"):
+        evaluator(exp, encoders, {}, image_encoder="features")
     monkeypatch.setattr(tokenizers, "get", lambda spec: (_ for _ in ()).throw(
         ValueError(f"unknown tokenizer scheme in {spec!r}")))
     with pytest.raises(ValueError, match=r"evals\.zs\.tokenizer='wordpiece': unknown"):

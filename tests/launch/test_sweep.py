@@ -1,6 +1,7 @@
 """`vistax sweep` (launch/sweep.py): point names, override values that survive the command line,
-validation errors, results tables and plot from hand-written metrics, job scripts, local runs
-with a stand-in trainer, and one real 2-point sweep through the CLI that a second run skips."""
+validation errors, results tables and plots (one metric or several, per point or as training
+curves) from hand-written metrics, job scripts, local runs with a stand-in trainer, and one real
+2-point sweep through the CLI that a second run skips."""
 
 import csv
 import io
@@ -96,6 +97,13 @@ def test_rendered_values_parse_back_through_the_config_flag(tmp_path, default, v
 
 @pytest.mark.parametrize("spec, expected", [
     (dict(metric=None), ["sweep.metric=None", "metrics.jsonl key"]),
+    (dict(metric=""), ["sweep.metric=''", "metrics.jsonl key"]),
+    (dict(metric=()), ["sweep.metric=()", "non-empty tuple"]),
+    (dict(metric=("train/loss", 3)), ["sweep.metric=('train/loss', 3): element 1, 3, is not"]),
+    (dict(metric=("train/loss", "train/loss")),
+     ["sweep.metric=('train/loss', 'train/loss') names 'train/loss' twice"]),
+    (dict(curves="yes"), ["sweep.curves='yes'", "expected True"]),
+    (dict(curves=1), ["sweep.curves=1", "or False"]),
     (dict(points=()), ["sweep.points=()", "non-empty"]),
     (dict(points=({"lr": 0.5}, "lr=0.7")), ["sweep.points[1]='lr=0.7'", "expected a dict"]),
     (dict(metrics="loss"), ["sweep.metrics is not a sweep key"]),
@@ -113,7 +121,8 @@ def test_rendered_values_parse_back_through_the_config_flag(tmp_path, default, v
      ["sweep.points[0] sets model.variant=16 (int)", "gives '16' (str)"]),
     (dict(points=({"model.clip": None},)), ["sweep.points[0]", "--config.model.clip=None",
                                            "could not convert string to float"]),
-], ids=["no-metric", "no-points", "point-not-dict", "unknown-sweep-key", "unknown-x",
+], ids=["no-metric", "empty-metric", "empty-metric-tuple", "non-str-metric", "repeated-metric",
+        "curves-str", "curves-int", "no-points", "point-not-dict", "unknown-sweep-key", "unknown-x",
         "unknown-point-key", "duplicate", "duplicate-int-float", "duplicate-of-default",
         "wrong-type", "changes-type", "none-for-float"])
 def test_validation_errors_name_the_key_and_value(tmp_path, spec, expected):
@@ -202,11 +211,13 @@ def test_collect_writes_csv_and_markdown(four_points):
     assert "| lr=0.1 | 0.1 |  |  | 3.0 | failed (exit 137) |" in markdown
 
 
-def _assert_png(path):
+def _assert_png(path, size=None):
+    """A PNG that decodes, `size` (width, height) pixels if given."""
     with open(path, "rb") as f:
         data = f.read()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
     with Image.open(io.BytesIO(data)) as image:
+        assert size is None or image.size == size
         image.verify()
 
 
@@ -221,6 +232,90 @@ def test_plots_numeric_categorical_and_empty(four_points, tmp_path):
     _assert_png(tmp_path / "b.png")  # bars, both "n/a"
     assert sorted(os.listdir(tmp_path)) == sorted(
         ["S", "b.png", "cat.py", "line.png", "sweep_config.py"])  # no partial files left
+
+
+ACC, LOSS = "eval/test/accuracy", "train/loss"
+LRS = ({"lr": 0.01}, {"lr": 0.03}, {"lr": 0.1}, {"lr": 0.3})
+
+
+@pytest.fixture
+def two_metrics(tmp_path):
+    """(sweep, sweep_dir) over accuracy and loss: points with both (accuracy last at step 10,
+    loss at 12), with accuracy only, failed, and never run."""
+    planned = sweep.plan(write_config(tmp_path, metric=(ACC, LOSS), points=LRS))
+    sweep_dir = str(tmp_path / "S")
+    names = [p.name for p in planned.points]
+    write_lines(os.path.join(sweep_dir, names[0], "metrics.jsonl"), [
+        {"step": 0, LOSS: 2.5}, {"step": 6, LOSS: 1.5, ACC: 0.5}, {"step": 6, LOSS: 1.25},
+        {"step": 10, ACC: 0.75}, {"step": 12, LOSS: 0.5}, '{"step": 14, "train/lo'])
+    write_lines(os.path.join(sweep_dir, names[1], "metrics.jsonl"), [{"step": 4, ACC: 0.25}])
+    write_lines(os.path.join(sweep_dir, names[2], "metrics.jsonl"), [{"step": 3, LOSS: 9.0}])
+    for name, code, wall in zip(names, (0, 0, 1), (4.0, 1.0, 2.0)):
+        write_lines(os.path.join(sweep_dir, name, sweep.RUNS_FILE),
+                    [{"exit_code": code, "wall_s": wall}])
+    return planned, sweep_dir
+
+
+def test_several_metrics_tabulate_to_their_columns(two_metrics):
+    planned, sweep_dir = two_metrics
+    assert planned.metrics == (ACC, LOSS) and not planned.curves
+    results = sweep.collect(planned, sweep_dir)
+    paths = sweep.write_results(planned, results, sweep_dir)
+    rows = read_csv(paths[0])
+    assert list(rows[0]) == ["point", "lr", ACC, LOSS, "step", "wall_s", "status"]
+    assert [tuple(r.values()) for r in rows] == [  # step: the accuracy's
+        ("lr=0.01", "0.01", "0.75", "0.5", "10", "4.0", "ok"),
+        ("lr=0.03", "0.03", "0.25", "", "4", "1.0", "no metric"),
+        ("lr=0.1", "0.1", "", "", "", "2.0", "failed (exit 1)"),
+        ("lr=0.3", "0.3", "", "", "", "", "not run"),
+    ]
+    with open(paths[1], encoding="utf-8") as f:
+        markdown = f.read()
+    assert f"`{ACC}`, `{LOSS}` each at the last step that logged it (`step`: that of `{ACC}`)" \
+        in markdown
+    assert f"| point | lr | {ACC} | {LOSS} | step | wall_s | status |\n" in markdown
+    assert "| lr=0.03 | 0.03 | 0.25 |  | 4 | 1.0 | no metric |" in markdown
+    figure = sweep.results_figure(planned, results)  # per point, a panel per metric
+    assert [ax.get_title() for ax in figure.axes] == [ACC, LOSS]
+    assert [ax.get_ylabel() for ax in figure.axes] == [ACC, LOSS]
+    assert tuple(figure.axes[1].lines[0].get_xydata()[0]) == (0.01, 0.5)  # the one loss
+    _assert_png(paths[2], size=(2 * 768, 504))
+
+
+def test_curves_plot_each_metric_against_the_step(two_metrics, tmp_path):
+    _, sweep_dir = two_metrics
+    planned = sweep.plan(write_config(tmp_path, name="curves.py", metric=(ACC, LOSS),
+                                      points=LRS, curves=True))
+    results = sweep.collect(planned, sweep_dir)
+    assert results[0].curves == (((6, 0.5), (10, 0.75)), ((0, 2.5), (6, 1.25), (12, 0.5)))
+    assert results[2].curves == ((), ((3, 9.0),)) and results[2].values == (None, None)
+    figure = sweep.results_figure(planned, results)
+    accuracy, loss = figure.axes
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == [
+        "0.01: 0.5", "0.03: no metric", "0.1: failed (exit 1)", "0.3: not run"]  # x values
+    assert [t.get_text() for t in accuracy.get_legend().get_texts()][:2] == [
+        "0.01: 0.75", "0.03: 0.25"]
+    assert loss.get_legend().get_title().get_text() == "lr" and loss.get_xlabel() == "step"
+    assert loss.lines[0].get_xydata().tolist() == [[0, 2.5], [6, 1.25], [12, 0.5]]
+    sweep.write_plot(planned, results, str(tmp_path / "curves.png"))
+    _assert_png(tmp_path / "curves.png", size=(2 * 768, 504))
+
+    single = sweep.plan(write_config(tmp_path, name="one.py", metric=LOSS, x=None,
+                                     points=LRS, curves=True))
+    figure = sweep.results_figure(single, sweep.collect(single, sweep_dir))
+    (ax,) = figure.axes
+    assert ax.get_legend().get_title().get_text() == "point" and ax.get_title() == "one.py"
+    assert ax.get_legend().get_texts()[0].get_text() == "lr=0.01: 0.5"  # point names
+    sweep.write_plot(single, sweep.collect(single, sweep_dir), str(tmp_path / "one.png"))
+    _assert_png(tmp_path / "one.png", size=(768, 504))
+
+
+def test_dino_collapse_sweep_plans_three_points_with_two_metrics():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(sweep.__file__)))
+    planned = sweep.plan(os.path.join(root, "configs", "dino.py") + ":tiny,sweep=collapse")
+    assert planned.metrics == ("train/teacher_entropy", "train/kl") and planned.curves
+    assert len(planned.points) == 3 and planned.points[0].name == "base"
+    assert planned.points[1].config.dino.teacher == "none"
 
 
 # ---- job scripts ----------------------------------------------------------------------------

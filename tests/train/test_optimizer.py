@@ -486,3 +486,74 @@ def test_config_dict_is_not_needed_for_schedule():
     sched = optimizer_lib.make_schedule(cfg, total_steps=4, warmup_steps=0, batch_size=1)
     np.testing.assert_allclose([sched(t) for t in range(5)], [1.0, 0.75, 0.5, 0.25, 0.0],
                                rtol=1e-6)
+
+
+# -- self-distillation controls: weight-decay schedule, per-parameter clipping, hold ----------
+
+
+def test_weight_decay_follows_a_cosine_from_start_to_end():
+    """DINO's weight decay 0.04 -> 0.4: sgd with zero gradients updates by -lr x wd(t) x p."""
+    tree = {"dense": {"kernel": jnp.ones((2, 2))}}
+    total = 8
+    opt = build(make_config("sgd", lr=1.0, optimizer__weight_decay=0.04,
+                            optimizer__weight_decay_end=0.4), tree, total_steps=total)
+    state = opt.tx.init(tree)
+    rates = []
+    for _ in range(total + 1):
+        updates, state = opt.tx.update(jax.tree.map(jnp.zeros_like, tree), state, tree)
+        rates.append(-float(updates["dense"]["kernel"][0, 0]))
+    expected = [0.4 + (0.04 - 0.4) * (1 + math.cos(math.pi * t / total)) / 2
+                for t in range(total)] + [0.4]
+    np.testing.assert_allclose(rates, expected, rtol=1e-6)
+
+
+def test_per_parameter_clipping_bounds_each_tensor_and_each_stacked_layer(params):
+    grads = random_grads(params, 7)
+    opt = build(make_config("sgd", lr=1.0, grad_clip_per_param=0.5), params)
+    (updates,), _, _ = run(opt.tx, params, [grads])
+    for name, g in flat(grads).items():
+        u = -flat(updates)[name]
+        if "/blocks/" in name:  # one parameter per layer along the leading axis
+            axes = tuple(range(1, g.ndim))
+            norms = np.sqrt((g ** 2).sum(axis=axes, keepdims=True))
+        else:
+            norms = np.sqrt((g ** 2).sum())
+        expected = g * np.minimum(1.0, 0.5 / (norms + optimizer_lib.PER_PARAM_CLIP_EPS))
+        np.testing.assert_allclose(u, expected, rtol=1e-5, atol=1e-8, err_msg=name)
+        rows = u.reshape(u.shape[0], -1) if "/blocks/" in name else u.reshape(1, -1)
+        assert np.all(np.sqrt((rows ** 2).sum(-1)) <= 0.5 + 1e-5), name
+
+
+def test_hold_keeps_parameters_moments_and_decay_still_then_releases(params):
+    """A held parameter moves neither by its gradient, Adam's moments nor weight decay for the
+    first `hold` steps; afterwards it trains; other parameters train throughout."""
+    config = make_config("adamw", lr=0.1, optimizer__weight_decay=0.1,
+                         param_groups__hold=((r"head/.*", "2 steps"),))
+    opt = build(config, params)
+    grads = [random_grads(params, s) for s in range(3)]
+    all_updates, _, state = run(opt.tx, params, grads[:2])
+    for updates in all_updates:
+        for name, u in flat(updates).items():
+            assert (np.all(u == 0) if name.startswith("head/") else np.any(u != 0)), name
+    adam = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(
+        x, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)][0]
+    assert np.all(np.asarray(adam.mu["head"]["kernel"]) == 0)
+    updates, _ = opt.tx.update(grads[2], state, params)
+    assert np.all(np.asarray(updates["head"]["kernel"]) != 0)
+
+
+def test_hold_in_epochs_and_bad_entries():
+    tree = {"head": {"kernel": jnp.ones((2, 2))}, "body": {"kernel": jnp.ones((2, 2))}}
+    config = make_config(param_groups__hold=((r"head/.*", "1 epochs"),))
+    steps = optimizer_lib.hold_steps(config, tree, epoch_size=20)  # batch 8: 2.5 -> 3 steps
+    assert steps == {"head": {"kernel": 3}, "body": {"kernel": 0}}
+    with pytest.raises(ValueError, match=r"param_groups.hold\[0\]='1 weeks'"):
+        optimizer_lib.hold_steps(make_config(param_groups__hold=((r"head/.*", "1 weeks"),)),
+                                 tree, epoch_size=20)
+    with pytest.raises(ValueError, match=r"param_groups.hold: pattern 'nothing/.*' matches no"):
+        optimizer_lib.hold_steps(make_config(param_groups__hold=((r"nothing/.*", "1 steps"),)),
+                                 tree, epoch_size=20)
+    with pytest.raises(ValueError, match="grad_clip_per_param=-1.0 must be > 0"):
+        build(make_config(grad_clip_per_param=-1.0), tree)
+    with pytest.raises(ValueError, match="weight_decay_end=0.4 needs optimizer.weight_decay > 0"):
+        build(make_config(optimizer__weight_decay_end=0.4), tree)

@@ -4,6 +4,7 @@ from vistax.train.objectives.base import Objective
 from vistax.train.objectives.classification import Classification
 from vistax.train.objectives.coca import CoCa
 from vistax.train.objectives.contrastive import Contrastive
+from vistax.train.objectives.dino import DINO
 from vistax.train.objectives.mae import MAE
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -11,6 +12,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "contrastive": Contrastive,
     "coca": CoCa,
     "mae": MAE,
+    "dino": DINO,
 }
 
 

@@ -25,6 +25,11 @@ class Objective:
     def validate(self) -> None:
         """Checks this objective's config keys before any work; raises ValueError naming them."""
 
+    def configure_run(self, *, total_steps: int, steps) -> None:
+        """Told the run's length before the step is built, for schedules the objective keeps
+        (e.g. DINO's teacher momentum); `steps(key, duration)` converts a config duration."""
+        del total_steps, steps
+
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         raise NotImplementedError
 
@@ -33,13 +38,14 @@ class Objective:
         del model
         return {}
 
-    def loss(self, model: nnx.Module, extra, batch: dict, rng: jax.Array
+    def loss(self, model: nnx.Module, extra, batch: dict, rng: jax.Array, step: jax.Array
              ) -> tuple[jax.Array, dict[str, jax.Array], object]:
         """(scalar loss, scalar metrics, stats) for one (micro)batch; pure, traced inside jit.
 
-        `stats` is any pytree of batch statistics the extra state needs (e.g. the mean teacher
-        output for DINO's center); it is averaged over microbatches and given to
-        `after_update`. Return {} when there are none.
+        `step` is the index (from 0) of the optimizer step being taken, for schedules inside
+        the loss (e.g. DINO's teacher temperature). `stats` is any pytree of batch statistics
+        the extra state needs (e.g. the mean teacher output for DINO's center); it is averaged
+        over microbatches and given to `after_update`. Return {} when there are none.
         """
         raise NotImplementedError
 
@@ -53,7 +59,8 @@ class Objective:
         raise ValueError(f"objective {type(self).__name__} cannot import foreign weight files.")
 
     def encoders(self) -> dict[str, Encoder]:
-        """Named functions evaluators call, e.g. {'logits': ..., 'image_features': ...}."""
+        """Named functions evaluators call, e.g. {'logits': ..., 'features': ...}; frozen-feature
+        evaluators (k-NN, probes) read `features`, a (batch, D) image representation."""
         return {}
 
     def flops_per_example(self) -> float | None:

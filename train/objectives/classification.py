@@ -84,8 +84,8 @@ class Classification(Objective):
         raise KeyError(f"Classification needs a 'labels' (one-hot) or 'label' field in the batch; "
                        f"got {sorted(batch)}. Add onehot(...) to input.pp.")
 
-    def loss(self, model, extra, batch, rng):
-        del extra
+    def loss(self, model, extra, batch, rng, step):
+        del extra, step
         cfg = self.config.loss
         targets = self._targets(batch)
         k_mix, k_model = jax.random.split(rng)
@@ -113,7 +113,11 @@ class Classification(Objective):
             del extra
             return model(batch["image"])[1]["pre_logits"]
 
-        return {"logits": logits, "features": features}
+        def cls_attention(model, extra, batch):  # (B, heads, h, w); needs model.pool='cls'
+            del extra
+            return model.cls_attention(batch["image"])
+
+        return {"logits": logits, "features": features, "cls_attention": cls_attention}
 
     def flops_per_example(self) -> float:
         return vit.flops_per_example(self.vit_config)

@@ -32,8 +32,8 @@ class CoCa(Contrastive):
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         return coca.CoCa(self.model_config, rngs=rngs)
 
-    def loss(self, model, extra, batch, rng):
-        del extra
+    def loss(self, model, extra, batch, rng, step):
+        del extra, step
         cfg = self.config.loss
         zimg, ztxt, logits = model(batch["image"], batch["text"], rng=rng)
         contrastive, metrics = self.contrastive_loss(model, zimg, ztxt)
@@ -50,11 +50,11 @@ class CoCa(Contrastive):
     def encoders(self):
         encoders = super().encoders()
 
-        def image_features(model, extra, batch):
+        def features(model, extra, batch):
             del extra
             return model.encode_image(batch["image"])[1]["pooled"]
 
-        return dict(encoders, image_features=image_features)
+        return dict(encoders, features=features)
 
     def flops_per_example(self) -> float:
         cfg = self.model_config

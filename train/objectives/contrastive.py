@@ -98,8 +98,8 @@ class Contrastive(Objective):
         fn = contrastive_loss.sigmoid_ring if cfg.impl == "sharded" else contrastive_loss.sigmoid_dense
         return fn(zimg, ztxt, temperature, bias), dict(metrics, bias=bias)
 
-    def loss(self, model, extra, batch, rng):
-        del extra
+    def loss(self, model, extra, batch, rng, step):
+        del extra, step
         zimg, ztxt = model(batch["image"], batch["text"], rng=rng)
         loss, metrics = self.contrastive_loss(model, zimg, ztxt)
         return loss, metrics, {}
@@ -122,12 +122,12 @@ class Contrastive(Objective):
             del extra
             return model.encode_text(batch["text"])[0]
 
-        def image_features(model, extra, batch):
+        def features(model, extra, batch):
             del extra
             return model.image(batch["image"])[0]
 
         return {"image_embedding": image_embedding, "text_embedding": text_embedding,
-                "image_features": image_features}
+                "features": features}
 
     def flops_per_example(self) -> float:
         cfg = self.model_config

@@ -30,8 +30,8 @@ class MAE(Objective):
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         return mae.MAE(self.mae_config, rngs=rngs)
 
-    def loss(self, model, extra, batch, rng):
-        del extra
+    def loss(self, model, extra, batch, rng, step):
+        del extra, step
         loss, _, _, mask = model.loss(batch["image"], rng)
         return loss, {"mask_fraction": mask.mean()}, {}
 
