@@ -78,6 +78,23 @@ def test_errors_name_what_is_missing(small_vit_config, source_run, tmp_path):
     config.init_from.step = 7
     with pytest.raises(FileNotFoundError, match=r"init_from.step=7.*steps \[2\]"):
         init_from.apply(config.init_from, params)
+    config.init_from.step = None
+    config.init_from.tree = "extra/teacher"  # a DINO run's; this run has no extra state
+    with pytest.raises(ValueError, match=r"init_from.tree='extra/teacher'.*no 'extra/teacher'"):
+        init_from.apply(config.init_from, params)
+
+
+def test_tree_reads_another_part_of_the_state(tmp_path):
+    """`tree` names the part of a checkpointed state read as parameters: DINO's EMA teacher
+    lives at extra/teacher beside the student's params."""
+    import orbax.checkpoint as ocp
+    student = {"vit": {"kernel": np.full((2, 3), 1.0, np.float32)}}
+    teacher = {"vit": {"kernel": np.full((2, 3), 2.0, np.float32)}}
+    ocp.PyTreeCheckpointer().save(str(tmp_path / "checkpoints" / "5" / "state"),
+                                  {"params": student, "extra": {"teacher": teacher}})
+    assert init_from.read_params(str(tmp_path))["vit/kernel"].tolist() == [[1.0] * 3] * 2
+    read = init_from.read_params(str(tmp_path), tree="extra/teacher")
+    assert list(read) == ["vit/kernel"] and read["vit/kernel"].tolist() == [[2.0] * 3] * 2
 
 
 def test_training_starts_from_the_loaded_parameters(small_vit_config, source_run, tmp_path):
