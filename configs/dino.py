@@ -76,6 +76,19 @@ def multicrop_pp(global_size: int, local_size: int, num_local: int, *, flip: boo
     return "|".join(ops)
 
 
+def eval_configs(dataset: str, test_split: str, pp: str, *, knn_batch: int, knn_every: str,
+                 num_images: int, attention_batch: int, attention_every: str, photo_pp: str,
+                 **picture) -> ml_collections.ConfigDict:
+    """k-NN of the teacher's features (train vs `test_split`) and attention-map pictures of
+    `test_split` and the scikit-image photos; `picture` holds value_range or mean_std."""
+    return ml_collections.ConfigDict(dict(
+        knn=dict(type="knn", dataset=dataset, train_split="train", test_split=test_split, pp=pp,
+                 batch_size=knn_batch, k=KNN_K, every=knn_every),
+        attention=dict(type="attention_maps", dataset=dataset, split=test_split, pp=pp,
+                       batch_size=attention_batch, num_images=num_images, photos=PHOTOS,
+                       photo_pp=photo_pp, every=attention_every, **picture)))
+
+
 def get_config(arg=None):
     arg = common.parse_arg(arg, presets=PRESETS, recipe="default", v2=False, sweep="")
     if arg.recipe not in RECIPES:
@@ -104,14 +117,11 @@ def get_config(arg=None):
         normalize = "value_range(-1, 1, key={key!r})"
         c.input.pp = multicrop_pp(size, 16, 4, flip=False, normalize=normalize,
                                   masks_grid=size // patch if v2 else None)
-        c.evals.knn = ml_collections.ConfigDict(dict(
-            type="knn", dataset="digits", train_split="train", test_split="test",
-            pp=TINY_EVAL_PP, batch_size=128, k=KNN_K, every="25 epochs"))
-        c.evals.attention = ml_collections.ConfigDict(dict(
-            type="attention_maps", dataset="digits", split="test", pp=TINY_EVAL_PP,
-            batch_size=16, num_images=6, photos=PHOTOS,
+        c.evals = eval_configs(
+            "digits", "test", TINY_EVAL_PP, knn_batch=128, knn_every="25 epochs",
+            num_images=6, attention_batch=16, attention_every="50 epochs",
             photo_pp="decode|resize_small(32)|center_crop(32)|value_range(-1, 1)|keep('image')",
-            value_range=(-1.0, 1.0), every="50 epochs"))
+            value_range=(-1.0, 1.0))
     else:
         c.input.dataset = "imagenet2012"
         c.input.batch_size = 3072 if arg.preset == "g/14" else 1024
@@ -127,19 +137,17 @@ def get_config(arg=None):
         c.mesh.update(data=1, fsdp=-1)
         c.log_every = "100 steps"
         c.checkpoint.every = "5 epochs"
-        normalize = f"value_range(0, 1, key={{key!r}})|normalize({vit.IMAGENET_MEAN_STD}, key={{key!r}})"
+        normalize = ("value_range(0, 1, key={key!r})"
+                     f"|normalize({vit.IMAGENET_MEAN_STD}, key={{key!r}})")
         c.input.pp = multicrop_pp(size, 96 if patch == 16 else 98, 8, flip=True,
                                   normalize=normalize, masks_grid=size // patch if v2 else None)
         eval_pp = ("decode|resize_small(256, method='bicubic')|center_crop(224)|value_range(0, 1)"
                    f"|normalize({vit.IMAGENET_MEAN_STD})|keep('image', 'label')")
-        c.evals.knn = ml_collections.ConfigDict(dict(
-            type="knn", dataset="imagenet2012", train_split="train", test_split="validation",
-            pp=eval_pp, batch_size=1024, k=KNN_K, every="20 epochs"))
-        c.evals.attention = ml_collections.ConfigDict(dict(
-            type="attention_maps", dataset="imagenet2012", split="validation", pp=eval_pp,
-            batch_size=256, num_images=8, photos=PHOTOS,
+        c.evals = eval_configs(
+            "imagenet2012", "validation", eval_pp, knn_batch=1024, knn_every="20 epochs",
+            num_images=8, attention_batch=256, attention_every="20 epochs",
             photo_pp=eval_pp.replace("|keep('image', 'label')", "|keep('image')"),
-            mean_std=((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), every="20 epochs"))
+            mean_std=((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
     if arg.recipe == "best":
         c.dino.update(teacher_temp=0.07, warmup_teacher_temp_epochs="30 epochs")
         c.dino.head.norm_last_layer = False

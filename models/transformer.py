@@ -46,9 +46,11 @@ class Block(nnx.Module):
         # LayerScale on the self-attention and MLP branches when the config asks for it (ViT's
         # `layer_scale`; towers without the field have none).
         scale = getattr(cfg, "layer_scale", 0.0)
-        self.ls1, self.ls2 = ((layers.LayerScale(cfg.width, scale,
-                                                 param_dtype=DTYPES[cfg.param_dtype])
-                               for _ in range(2)) if scale else (None, None))
+        if scale:
+            self.ls1 = layers.LayerScale(cfg.width, scale, param_dtype=DTYPES[cfg.param_dtype])
+            self.ls2 = layers.LayerScale(cfg.width, scale, param_dtype=DTYPES[cfg.param_dtype])
+        else:
+            self.ls1 = self.ls2 = None
 
     def _residual(self, x, y, drop_path_rate, keys, scale=None):
         if scale is not None:

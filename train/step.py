@@ -52,7 +52,8 @@ def make_train_step(objective: Objective, graphdef, optimizer: Optimizer, *, acc
     def gradients(params, model_state, extra, batch, rng, step):
         """(loss, (metrics, stats), model_state, grads), averaged over microbatches."""
         if accum_steps == 1:
-            (loss, (aux, model_state)), grads = grad_fn(params, model_state, extra, batch, rng, step)
+            (loss, (aux, model_state)), grads = grad_fn(params, model_state, extra, batch, rng,
+                                                        step)
             return loss, aux, model_state, grads
 
         def body(carry, xs):
