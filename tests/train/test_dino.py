@@ -205,6 +205,9 @@ def test_config_errors_name_the_key(data_dir):
         Experiment(small_config(data_dir, **{"dino.head.out_dim": 0}), devices=jax.devices()[:1])
     with pytest.raises(ValueError, match=r"pool='cls'"):
         Experiment(small_config(data_dir, **{"model.pool": "gap"}), devices=jax.devices()[:1])
+    plain = small_config(data_dir, True, **{"input.pp": "decode|value_range(-1, 1)|keep('image')"})
+    with pytest.raises(ValueError, match=r"reads batch keys \['global_crops', 'global_masks'\]"):
+        Experiment(plain, devices=jax.devices()[:1])
 
 
 # -- views and masks ---------------------------------------------------------------------------

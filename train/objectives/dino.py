@@ -235,6 +235,11 @@ class DINO(Objective):
 
     def loss(self, model, extra, batch, rng, step):
         s = self.settings
+        needed = ["global_crops"] + (["global_masks"] if s.ibot_weight else [])
+        if any(key not in batch for key in needed):
+            raise ValueError(f"objective 'dino' reads batch keys {needed} (the dino_multicrop"
+                             f"{' and ibot_masks' if s.ibot_weight else ''} pp ops make them); "
+                             f"the batch has {sorted(batch)}.")
         crops = batch["global_crops"]
         b, n_global = crops.shape[:2]
         ibot = bool(s.ibot_weight)
