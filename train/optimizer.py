@@ -95,10 +95,15 @@ def _decoupled_weight_decay(rates, factor: optax.Schedule | None = None
         updates = jax.tree.map(
             lambda u, p, r: u if r == 0.0 or _is_masked(u) else u + (r * scale) * p,
             updates, params, rates, is_leaf=_is_masked)
+        if factor is None:
+            return updates, state
         return updates, optax.ScaleByScheduleState(count=optax.safe_int32_increment(state.count))
 
-    return optax.GradientTransformation(
-        lambda _: optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)), update)
+    def init(_):  # a step count only where the rate follows a schedule
+        return (optax.EmptyState() if factor is None else
+                optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)))
+
+    return optax.GradientTransformation(init, update)
 
 
 def _hold(hold_steps) -> optax.GradientTransformation:
