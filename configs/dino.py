@@ -2,7 +2,7 @@
 
 Presets:
   tiny   A small ViT on 32x32 `digits`: 2 global crops of 32 px and 4 local crops of 16 px, a
-         head of 1024 prototypes; minutes on 2 CPU cores. Reports weighted k-NN accuracy of the
+         head of 1024 prototypes; ~25 minutes on 2 CPU cores. Reports weighted k-NN accuracy of the
          teacher's features (evals.knn) and writes attention maps (evals.attention).
   S/16, B/16
          The reference recipe (the paper's App. "Implementation details" and its public
@@ -12,7 +12,7 @@ Presets:
          center momentum 0.9, teacher momentum 0.996 -> 1, per-parameter gradient clipping at
          3.0, last layer frozen for the first epoch, drop path 0.1 (student).
          Data: `imagenet2012` in input.data_dir (see configs/vit.py).
-  g/14   DINOv2's ViT-g/14 (Oquab et al. 2024, Table 16 / App.): the v2 options below, 4
+  g/14   DINOv2's ViT-g/14 (Oquab et al. 2024): the v2 options below, 4
          registers, LayerScale, batch 3072 (a pod-slice config; see `vistax plan`).
 
 Options after the preset:

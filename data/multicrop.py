@@ -31,6 +31,8 @@ def dino_multicrop(global_size=224, local_size=96, num_local: int = 8,
     """
     if not isinstance(num_local, int) or isinstance(num_local, bool) or num_local < 0:
         raise ValueError(f"num_local must be an int >= 0, got {num_local!r}")
+    if not isinstance(flip, bool):
+        raise ValueError(f"flip must be True or False, got {flip!r}")
     global_crop = pp.random_resized_crop(global_size, global_scale, method=method)
     local_crop = pp.random_resized_crop(local_size, local_scale, method=method)
     photometric = ([pp.flip_lr(0.5)] if flip else []) + [pp.color_jitter(), pp.grayscale(0.2)]

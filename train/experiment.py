@@ -181,17 +181,15 @@ class Experiment:
             for key, split in eval_splits(name, cfg).items():
                 self._split_size(f"evals.{name}.{key}", cfg.dataset, split)
         self.epoch_size = self._split_size("input.split", inp.dataset, inp.split)
-        batch = inp.batch_size
-        self.total_steps = durations.steps("duration", config.duration, global_batch=batch,
-                                           epoch_size=self.epoch_size)
+        def steps(key: str, text) -> int:
+            return durations.steps(key, text, global_batch=inp.batch_size,
+                                   epoch_size=self.epoch_size)
+
+        self.total_steps = steps("duration", config.duration)
         if self.total_steps < 1:
             raise ValueError(f"duration={config.duration!r} is less than one step.")
-        warmup = durations.steps("schedule.warmup", config.schedule.warmup, global_batch=batch,
-                                 epoch_size=self.epoch_size)
-        self.objective.configure_run(
-            total_steps=self.total_steps,
-            steps=lambda key, text: durations.steps(key, text, global_batch=batch,
-                                                    epoch_size=self.epoch_size))
+        warmup = steps("schedule.warmup", config.schedule.warmup)
+        self.objective.configure_run(total_steps=self.total_steps, steps=steps)
         self.optimizer = optimizer_lib.make_optimizer(config, abstract_params,
                                                       total_steps=self.total_steps,
                                                       warmup_steps=warmup,

@@ -248,3 +248,5 @@ def test_ibot_masks_probability_and_errors():
         preprocess.parse("ibot_masks(4, ratio=(0.1, 1.5))")
     with pytest.raises(ValueError, match="num_local must be an int >= 0"):
         preprocess.parse("dino_multicrop(32, 16, -1)")
+    with pytest.raises(ValueError, match="flip must be True or False, got 'no'"):
+        preprocess.parse("dino_multicrop(32, 16, 2, flip='no')")

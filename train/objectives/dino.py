@@ -25,6 +25,7 @@ is the loss minus the entropy).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -193,13 +194,14 @@ class DINO(Objective):
         self.total_steps = 1
         self.temp_warmup_steps = 0
 
-    @property
+    @functools.cached_property
     def settings(self) -> DINOSettings:
+        """The `dino` section, parsed and checked once (raises ValueError naming the key)."""
         return DINOSettings.from_config(self.config.dino.to_dict())
 
     def validate(self) -> None:
         dino.dino_backbone(self.config.model.to_dict())
-        DINOSettings.from_config(self.config.dino.to_dict())
+        self.settings  # pylint: disable=pointless-statement  (parses and checks the section)
 
     def configure_run(self, *, total_steps: int, steps) -> None:
         self.total_steps = total_steps
@@ -244,10 +246,11 @@ class DINO(Objective):
         b, n_global = crops.shape[:2]
         ibot = bool(s.ibot_weight)
         masks = examples_major(batch["global_masks"]) if ibot else None
+        global_views = examples_major(crops)
         k_global, k_local = jax.random.split(rng)
-        student = model(examples_major(crops), rng=k_global, token_mask=masks, patches=ibot)
+        student = model(global_views, rng=k_global, token_mask=masks, patches=ibot)
         teacher_model = self.teacher(model, extra)
-        teacher = teacher_model(examples_major(crops), patches=ibot)
+        teacher = teacher_model(global_views, patches=ibot)
         student_logits = [student["logits"].reshape(b, n_global, -1)]
         if "local_crops" in batch:
             local = batch["local_crops"]
@@ -255,7 +258,7 @@ class DINO(Objective):
                 b, local.shape[1], -1))
         temp = teacher_temperature(step, self.temp_warmup_steps, s.warmup_teacher_temp,
                                    s.teacher_temp)
-        t_logits = jax.lax.stop_gradient(teacher["logits"])
+        t_logits = teacher["logits"]  # of stop-gradient parameters
         probs = self._targets(t_logits, extra["center"], temp).reshape(b, n_global, -1)
         dino_loss = cross_entropy_pairs(probs, jnp.concatenate(student_logits, axis=1),
                                         s.student_temp)
@@ -298,9 +301,9 @@ class DINO(Objective):
         per_crop = jnp.sum(per_patch, axis=1) / jnp.maximum(jnp.sum(weight, axis=1), 1.0)
         center = (jnp.sum(flat_t * flat_w[:, None], axis=0)
                   / jnp.maximum(jnp.sum(flat_w), 1.0))
-        overflow = jnp.sum(masks) - jnp.sum(weight)
-        return jnp.mean(per_crop), {"ibot_loss": jnp.mean(per_crop),
-                                    "ibot_masked_dropped": overflow}, center
+        loss = jnp.mean(per_crop)
+        dropped = jnp.sum(masks) - jnp.sum(weight)  # masked patches beyond the slots
+        return loss, {"ibot_loss": loss, "ibot_masked_dropped": dropped}, center
 
     def after_update(self, params, extra, stats, step):
         s = self.settings
