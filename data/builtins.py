@@ -1,4 +1,4 @@
-"""Built-in datasets (`digits`, `shapes`), prepared on first use into the vistax data dir.
+"""Built-in datasets (`digits`, `shapes`, `docs`), prepared on first use into the vistax data dir.
 
 The data dir is $VISTAX_DATA_DIR if set, else ~/.cache/vistax/datasets. Preparing is safe
 when several processes start at once (an exclusive file lock per dataset; tfds itself writes
@@ -12,9 +12,9 @@ import os
 
 from absl import logging as absl_logging
 
-from vistax.data.builders import digits, shapes
+from vistax.data.builders import digits, docs, shapes
 
-BUILTINS = {"digits": digits.Digits, "shapes": shapes.Shapes}
+BUILTINS = {"digits": digits.Digits, "shapes": shapes.Shapes, "docs": docs.Docs}
 
 
 def default_data_dir() -> str:

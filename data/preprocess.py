@@ -626,6 +626,6 @@ def tokenize(tokenizer: str, length: int, key: str = "caption", out: str = "text
     return op
 
 # Modules whose import registers more ops (they use the helpers above, hence imported last).
-from vistax.data import multicrop  # noqa: E402
+from vistax.data import multicrop, text_audio  # noqa: E402
 
-OP_MODULES = (multicrop,)
+OP_MODULES = (multicrop, text_audio)

@@ -5,6 +5,7 @@ from vistax.evals.base import DEFAULT_EVERY, EvalContext, Evaluator
 from vistax.evals.classification import ClassificationEvaluator
 from vistax.evals.fewshot import FewshotRidgeEvaluator
 from vistax.evals.linear_probe import KnnEvaluator, LinearProbeEvaluator
+from vistax.evals.metrics import MetricsEvaluator
 from vistax.evals.reconstruction import ReconstructionEvaluator
 from vistax.evals.retrieval import RetrievalEvaluator
 from vistax.evals.zero_shot import ZeroShotEvaluator
@@ -20,6 +21,7 @@ EVALUATORS: dict[str, type[Evaluator]] = {
     "fewshot_ridge": FewshotRidgeEvaluator,
     "reconstruction": ReconstructionEvaluator,
     "attention_maps": AttentionMapsEvaluator,
+    "metrics": MetricsEvaluator,
 }
 
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 from flax import nnx
 
+from vistax.models.perceiver import PerceiverConfig
 from vistax.models.two_towers import TwoTowersConfig
 from vistax.models.vit import ViTConfig
 
@@ -404,3 +405,249 @@ def clip_from_state_dict(sd: Mapping[str, np.ndarray], cfg: TwoTowersConfig) -> 
     """CLIP weights in either layout (see `clip_format`) -> vistax TwoTowers params."""
     fmt = clip_format(sd)
     return clip_from_hf(sd, cfg) if fmt == "hf" else clip_from_open_clip(sd, cfg)
+
+
+# -- Perceiver -------------------------------------------------------------------------------
+#
+# The transformers library's PyTorch port of Perceiver / Perceiver IO (Jaegle et al. 2021a/b):
+# `PerceiverForImageClassificationFourier` (raw pixels + 64-band Fourier features at
+# max_resolution 224 x 224, concatenated; one learned query, 1 head, query residual, a Linear to
+# the labels) and `PerceiverForMaskedLM` (byte embeddings + learned positions; one learned query
+# per position, 8 heads, qk 256, no query residual; logits through the tied byte embedding
+# plus `embedding_decoder.bias`). Its PerceiverLayer is ours: LayerNorm(q) [and LayerNorm(kv)]
+# -> attention (heads split head-major, as ours) -> output Linear -> optional query residual ->
+# LayerNorm -> MLP -> residual. Its encoder holds one block of `num_self_attends_per_block`
+# layers applied `num_blocks` times: our shared stack (share_blocks=True). Its LayerNorms are
+# `nn.LayerNorm` with the default eps 1e-5 (the config's `layer_norm_eps` is unused), its
+# dropout acts on the attention probabilities (ours on the residual branches; 0 at inference).
+
+_HF_PERCEIVER_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh",
+                             "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}
+_HF_PERCEIVER_KINDS = ("image_fourier", "mlm")
+
+
+def perceiver_config_from_hf(hf_config, kind: str, image_size=None) -> dict:
+    """The vistax model config (a dict for `PerceiverConfig.from_dict`) equivalent to a
+    transformers `PerceiverConfig` (or its config.json as a dict) for one task head.
+
+    `kind`: 'image_fourier' (`PerceiverForImageClassificationFourier`; input 'image' at
+    `image_size` (int or (H, W); default 224, the resolution the Fourier features are scaled
+    to), NHWC pixels) or 'mlm' (`PerceiverForMaskedLM`; input 'text' of
+    max_position_embeddings byte ids, id 0 = padding). The MLM table keeps transformers' 262
+    ids (vocab_size 261 + our extra row): ids are the transformers tokenizer's ([PAD] 0,
+    [BOS] 1, [EOS] 2, [MASK] 3, [CLS] 4, [SEP] 5, byte b = b + 6), so mask with id 3, not
+    with our `mask_id` (261, which is byte 255 here).
+    """
+    if isinstance(hf_config, Mapping):
+        def get(key, default=None):
+            return hf_config.get(key, default)
+    else:
+        def get(key, default=None):
+            return getattr(hf_config, key, default)
+    if kind not in _HF_PERCEIVER_KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {list(_HF_PERCEIVER_KINDS)}.")
+    act = get("hidden_act", "gelu")
+    if act not in _HF_PERCEIVER_ACTIVATIONS:
+        raise ValueError(f"Perceiver hidden_act={act!r} has no vistax counterpart; known: "
+                         f"{sorted(_HF_PERCEIVER_ACTIVATIONS)}.")
+    shape_for_attention = get("cross_attention_shape_for_attention", "kv")
+    if shape_for_attention not in ("kv", "q"):
+        raise ValueError(f"Perceiver cross_attention_shape_for_attention={shape_for_attention!r} "
+                         "is not 'kv' or 'q'.")
+    d_latents = int(get("d_latents", 1280))
+    qk = get("qk_channels")
+    if qk is None and shape_for_attention == "q":
+        # 'q': the cross-attention projects to the latents' width, as the self-attention does.
+        qk = d_latents
+    out = dict(num_latents=int(get("num_latents", 256)), latent_dim=d_latents,
+               num_blocks=int(get("num_blocks", 1)),
+               layers_per_block=int(get("num_self_attends_per_block", 26)),
+               cross_attends=1, share_blocks=True,
+               cross_heads=int(get("num_cross_attention_heads", 8)),
+               self_heads=int(get("num_self_attention_heads", 8)),
+               qk_channels=int(qk or 0), v_channels=int(get("v_channels") or 0),
+               cross_widening=int(get("cross_attention_widening_factor", 1)),
+               self_widening=int(get("self_attention_widening_factor", 1)),
+               cross_query_residual=bool(get("use_query_residual", True)),
+               layernorm_eps=1e-5, activation=_HF_PERCEIVER_ACTIVATIONS[act], dropout=0.0)
+    if kind == "image_fourier":
+        size = 224 if image_size is None else image_size
+        shape = (int(size),) * 2 if isinstance(size, (int, np.integer)) else tuple(size)
+        num_labels = get("num_labels")
+        if num_labels is None:  # a config.json dict: the label map says it
+            num_labels = len(get("id2label") or {}) or 2
+        out["inputs"] = {"image": dict(kind="image", shape=shape, channels=3, patch=1,
+                                       fourier_bands=64, max_resolution=(224, 224),
+                                       concat_pos=True, sine_only=False, position="fourier")}
+        out["decoder"] = dict(kind="classification", num_classes=int(num_labels), heads=1,
+                              query_residual=True)
+    else:
+        if image_size is not None:
+            raise ValueError("image_size applies to kind='image_fourier' only.")
+        out["inputs"] = {"text": dict(kind="bytes",
+                                      shape=(int(get("max_position_embeddings", 2048)),),
+                                      vocab_size=int(get("vocab_size", 262)) - 1,
+                                      width=int(get("d_model", 768)), pad_id=0)}
+        out["decoder"] = dict(kind="mlm", modality="text", heads=8, qk_channels=8 * 32,
+                              query_residual=False)
+    return out
+
+
+class _PerceiverWeights(_Weights):
+    def check_all_used(self) -> None:
+        unused = sorted(k for k in self.sd if k not in self.used)
+        if unused:
+            raise ValueError(f"{self.source} weights the model config has no place for "
+                             f"(unexpected keys): {unused[:8]}{' ...' if len(unused) > 8 else ''}; "
+                             "the checkpoint is another Perceiver variant (a conv or learned-"
+                             "position preprocessor, a multimodal or optical-flow model) or its "
+                             "config differs (see convert.perceiver_config_from_hf).")
+
+
+def _check_perceiver_config(cfg: PerceiverConfig) -> None:
+    wrong = []
+    if len(cfg.inputs) != 1:
+        wrong.append(f"model.inputs has {len(cfg.inputs)} modalities (transformers: one)")
+    for spec in cfg.inputs:
+        key = f"model.inputs.{spec.name}"
+        if spec.kind == "image":
+            if spec.position != "fourier" or spec.project or set(spec.patch) != {1}:
+                wrong.append(f"{key} must read raw pixels with Fourier features (position="
+                             f"'fourier', patch=1, project=0; got {spec.position!r}, "
+                             f"{spec.patch}, {spec.project})")
+        elif spec.kind != "bytes":
+            wrong.append(f"{key}.kind={spec.kind!r} (transformers' pixel or text preprocessors: "
+                         "'image' or 'bytes')")
+    if cfg.cross_attends != 1:
+        wrong.append(f"model.cross_attends={cfg.cross_attends} (transformers: 1)")
+    if cfg.decoder.kind not in ("classification", "mlm"):
+        wrong.append(f"model.decoder.kind={cfg.decoder.kind!r} (transformers' classification "
+                     "or masked-LM decoders)")
+    if wrong:
+        raise ValueError("Hugging Face Perceiver weights need a matching model config: "
+                         + "; ".join(wrong) + ".")
+
+
+def _hf_perceiver_layer(w: _Weights, p: str, q_dim: int, kv_dim: int | None, heads: int,
+                        qk: int, v: int, widening: int, what: str) -> dict:
+    """One transformers PerceiverLayer at key prefix `p` (kv_dim None: self-attention)."""
+    a = p + "attention.self."
+
+    def linear(name, n_out, n_in):
+        return w(f"{name}.weight", (n_out, n_in), what), w(f"{name}.bias", (n_out,), what)
+
+    kv_in = q_dim if kv_dim is None else kv_dim
+    hq, hv = qk // heads, v // heads
+    (wq, bq), (wk, bk) = linear(a + "query", qk, q_dim), linear(a + "key", qk, kv_in)
+    wv, bv = linear(a + "value", v, kv_in)
+    wo, bo = linear(p + "attention.output.dense", q_dim, v)
+    (w1, b1), (w2, b2) = (linear(p + "mlp.dense1", widening * q_dim, q_dim),
+                          linear(p + "mlp.dense2", q_dim, widening * q_dim))
+    # Heads split the projected width head-major in both: (out, in) -> (in, heads, per head).
+    attn = {name: {"kernel": wt.T.reshape(n_in, heads, n), "bias": b.reshape(heads, n)}
+            for name, wt, b, n_in, n in (("query", wq, bq, q_dim, hq), ("key", wk, bk, kv_in, hq),
+                                         ("value", wv, bv, kv_in, hv))}
+    attn["out"] = {"kernel": wo.T.reshape(heads, hv, q_dim), "bias": bo}
+    out = {"norm_q": _norm(w, a + "layernorm1", q_dim), "attn": attn,
+           "norm_mlp": _norm(w, p + "layernorm", q_dim),
+           "mlp": {"fc1": {"kernel": w1.T, "bias": b1}, "fc2": {"kernel": w2.T, "bias": b2}}}
+    if kv_dim is not None:
+        out["norm_kv"] = _norm(w, a + "layernorm2", kv_dim)
+    return out
+
+
+def _tile(tree, n: int):
+    """Repeats every stacked array n times along its leading (layers) axis."""
+    if isinstance(tree, dict):
+        return {key: _tile(value, n) for key, value in tree.items()}
+    return np.concatenate([tree] * n, axis=0)
+
+
+def perceiver_from_hf(sd: Mapping[str, np.ndarray], cfg: PerceiverConfig,
+                      prefix: str = "perceiver.") -> dict:
+    """transformers `PerceiverForImageClassificationFourier` / `PerceiverForMaskedLM` weights
+    (also `PerceiverForSequenceClassification`: bytes in, one learned query out) -> vistax
+    Perceiver params. Build `cfg` with `perceiver_config_from_hf`: heads, widenings, the query
+    residuals and the activation are not in the weights.
+
+    The one block of self-attention layers becomes our stack (layers_per_block, ...); with
+    share_blocks=False it is copied to each of the num_blocks stacks. Learned positions (bytes
+    input and MLM queries) longer than our model.inputs.<name>.shape are cut to it: exact for
+    the kept positions, as output queries do not see one another. A key the config has no
+    place for, or one it needs and the state dict lacks, is a ValueError naming it.
+    """
+    _check_perceiver_config(cfg)
+    w = _PerceiverWeights(sd, "Hugging Face Perceiver")
+    spec, dec = cfg.inputs[0], cfg.decoder
+    d = cfg.latent_dim
+    params = {"latents": w(prefix + "embeddings.latents", (cfg.num_latents, d),
+                           f"model.num_latents={cfg.num_latents}, latent_dim={d}")}
+
+    def positions(key, length, width, where):
+        pos = w(key, None)
+        if pos.ndim != 2 or pos.shape[1] != width or pos.shape[0] < length:
+            raise ValueError(f"{w.source} weight {key!r} has shape {pos.shape}, the model config "
+                             f"expects ({length}, {width}) ({where}; at most the checkpoint's "
+                             "max_position_embeddings positions).")
+        return pos[:length]
+
+    if spec.kind == "bytes":
+        where = f"model.inputs.{spec.name}.vocab_size={spec.vocab_size} (+1), width={spec.width}"
+        params["inputs"] = {spec.name: {
+            "embedding": w(prefix + "input_preprocessor.embeddings.weight",
+                           (spec.vocab_size + 1, spec.width), where),
+            "pos_embedding": positions(prefix + "input_preprocessor.position_embeddings.weight",
+                                       spec.shape[0], spec.width,
+                                       f"model.inputs.{spec.name}.shape={spec.shape}")}}
+    kv = cfg.input_channels
+    qk = cfg.qk_channels or kv
+    params["cross_attend"] = _hf_perceiver_layer(
+        w, prefix + "encoder.cross_attention.", d, kv, cfg.cross_heads, qk, cfg.v_channels or qk,
+        cfg.cross_widening, f"cross-attention from latent_dim={d} to the {kv} input channels "
+        f"of model.inputs, qk_channels={qk}, cross_widening={cfg.cross_widening}")
+
+    block = prefix + "encoder.self_attends."
+    found = {int(m.group(1)) for key in w.sd
+             if (m := re.match(re.escape(block) + r"(\d+)\.", key))}
+    if found != set(range(cfg.layers_per_block)):
+        raise ValueError(f"{w.source} weights {block}<i>.* hold {len(found)} self-attention "
+                         f"layers (indices {sorted(found)[:8]}), model.layers_per_block="
+                         f"{cfg.layers_per_block}.")
+    qk = cfg.qk_channels or d
+    what = (f"self-attention, latent_dim={d}, qk_channels={qk}, "
+            f"self_widening={cfg.self_widening}")
+    stack = _stack([_hf_perceiver_layer(w, f"{block}{i}.", d, None, cfg.self_heads, qk,
+                                        cfg.v_channels or qk, cfg.self_widening, what)
+                    for i in range(cfg.layers_per_block)])
+    params["self_attends"] = stack if cfg.share_blocks else _tile(stack, cfg.num_blocks)
+
+    qk = dec.qk_channels or d
+    if dec.kind == "classification":
+        dp = prefix + "decoder.decoder."
+        q_dim = dec.query_dim or d
+        decoder = {"queries": w(dp + "output_position_encodings.position_embeddings",
+                                (1, q_dim), f"model.decoder.query_dim={q_dim}")}
+        v = dec.v_channels or qk
+    else:
+        dp = prefix + "decoder."
+        q_dim = dec.query_dim or spec.width
+        decoder = {"queries": positions(dp + "output_position_encodings.position_embeddings",
+                                        spec.shape[0], q_dim, "model.decoder: one query per "
+                                        f"position of model.inputs.{spec.name}")}
+        v = dec.v_channels or q_dim
+    decoder["cross_attend"] = _hf_perceiver_layer(
+        w, dp + "decoding_cross_attention.", q_dim, d, dec.heads, qk, v, dec.widening,
+        f"decoder cross-attention from query_dim={q_dim} to latent_dim={d}, "
+        f"model.decoder.qk_channels={qk}, v_channels={v}, widening={dec.widening}")
+    if dec.kind == "classification":
+        where = f"model.decoder.num_classes={dec.num_classes}, query_dim={q_dim}"
+        decoder["head"] = {"kernel": w(dp + "final_layer.weight", (dec.num_classes, q_dim),
+                                       where).T,
+                           "bias": w(dp + "final_layer.bias", (dec.num_classes,), where)}
+    else:  # PerceiverEmbeddingDecoder sits beside `perceiver.`, not under it
+        root = prefix[:-len("perceiver.")] if prefix.endswith("perceiver.") else prefix
+        decoder["bias"] = w(root + "embedding_decoder.bias", (spec.vocab_size + 1,),
+                            f"model.inputs.{spec.name}.vocab_size={spec.vocab_size} (+1)")
+    params["decoder"] = decoder
+    w.check_all_used()
+    return params

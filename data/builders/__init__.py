@@ -1,1 +1,1 @@
-"""tfds builders of the built-in datasets (`digits`, `shapes`) and their shared base."""
+"""tfds builders of the built-in datasets (`digits`, `shapes`, `docs`) and their shared base."""

@@ -159,7 +159,7 @@ def test_errors_name_the_offending_values(train, data_dir, digits_dir):
         train(global_batch_size=256)
     with pytest.raises(ValueError, match=r"no split 'validation'.*\['heldout', 'test', 'train'\]"):
         train(split="validation")
-    with pytest.raises(ValueError, match="unknown dataset 'imagenet2012'.*'digits', 'shapes'"):
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet2012'.*'digits', 'docs', 'shapes'"):
         pipeline.dataset_info("imagenet2012")
     with pytest.raises(ValueError, match="no dataset_info.json.*below it.*digits"):
         pipeline.dataset_info(data_dir)

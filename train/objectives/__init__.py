@@ -6,6 +6,7 @@ from vistax.train.objectives.coca import CoCa
 from vistax.train.objectives.contrastive import Contrastive
 from vistax.train.objectives.dino import DINO
 from vistax.train.objectives.mae import MAE
+from vistax.train.objectives.perceiver import Perceiver, PerceiverAR
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "classification": Classification,
@@ -13,6 +14,8 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "coca": CoCa,
     "mae": MAE,
     "dino": DINO,
+    "perceiver": Perceiver,
+    "perceiver_ar": PerceiverAR,
 }
 
 
