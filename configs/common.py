@@ -16,7 +16,7 @@ from ml_collections import config_dict
 # this table, a config key like any other, decides the parallelism. `batch` spans data and fsdp
 # (FSDP is data parallelism with sharded weights); `embed` on weights is what FSDP shards;
 # `mlp`, `heads` and `vocab` are what tensor parallelism splits; `proj` is the output side of
-# the image/text projection heads.
+# the image/text projection heads; `input` the width of a Perceiver's input tokens.
 DEFAULT_SHARDING_RULES = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
@@ -26,6 +26,7 @@ DEFAULT_SHARDING_RULES = (
     ("classes", None),
     ("vocab", "tensor"),
     ("proj", None),
+    ("input", None),  # Perceiver input channels (pixels + Fourier features: odd widths)
     ("layers", None),
     ("length", None),
     ("act_embed", None),

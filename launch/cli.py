@@ -1,4 +1,4 @@
-"""`vistax <command>`: train, eval, sweep, prepare, tokenizer.
+"""`vistax <command>`: train, eval, sweep, prepare, tokenizer, generate.
 
   vistax train --config=configs/vit.py:tiny [--config.a.b=value ...] --workdir=DIR
   vistax eval  --config=configs/vit.py:tiny --workdir=DIR      # latest checkpoint in DIR
@@ -6,6 +6,8 @@
       [--config.a.b=value ...] [--parallel=N | --emit=slurm|shell [--slurm_args='-p gpu ...']
       | --collect_only]   # the config's `sweep` (launch/sweep.py), then results.csv/md/png
   vistax prepare --input=FOLDER_OR_CSV --output=DATASET_DIR [--kind=auto|folder|captions]
+  vistax generate --config=configs/perceiver.py:ar_tiny --workdir=DIR --prompt='Return the '
+      [--num_tokens=200 --temperature=0.8 --seed=0 --step=N]   # continue text (Perceiver AR)
   vistax tokenizer --dataset=shapes --split=train --field=caption --vocab_size=8000 \
       --out=FILE.model [--data_dir=DIR]   # a SentencePiece model for 'sentencepiece:FILE.model'
 
@@ -30,13 +32,20 @@ COMMANDS = {
     "sweep": "train the points of a config's `sweep` (or write job scripts) and tabulate them",
     "prepare": "convert a folder of class subfolders or a CSV/TSV of image,caption to a dataset",
     "tokenizer": "train a SentencePiece model on a text field of a dataset split",
+    "generate": "continue a text prompt with a trained Perceiver AR run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and argument, "
                                           "e.g. configs/vit.py:tiny", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics; "
                                 "sweep: the sweep's directory, one subdirectory per point.")
-_STEP = flags.DEFINE_integer("step", None, "eval: checkpoint step (default: latest).")
+_STEP = flags.DEFINE_integer("step", None, "eval, generate: checkpoint step (default: latest).")
+_PROMPT = flags.DEFINE_string("prompt", None, "generate: the text to continue.")
+_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 200, "generate: bytes to generate.",
+                                   lower_bound=1)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate: sampling temperature (0: "
+                                  "greedy).", lower_bound=0.0)
+_SEED = flags.DEFINE_integer("seed", 0, "generate: sampling seed.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "off", ["off", "auto"],
     "auto: jax.distributed.initialize() detects the cluster (TPU pod, SLURM, ...).")
@@ -157,6 +166,14 @@ def _run(command: str, argv) -> None:
     _require(("config", _CONFIG.value), ("workdir", _WORKDIR.value))
     if command == "sweep":
         _sweep()
+        return
+    if command == "generate":
+        from vistax.launch import generate
+        _require(("prompt", _PROMPT.value))
+        model = generate.load_model(_CONFIG.value, _WORKDIR.value, _STEP.value)
+        text = generate.generate_text(model, _PROMPT.value, _NUM_TOKENS.value,
+                                      temperature=_TEMPERATURE.value, seed=_SEED.value)
+        print(_PROMPT.value + text)
         return
     _initialize_distributed()
     from vistax.train import loop

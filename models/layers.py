@@ -66,12 +66,12 @@ class LayerNorm(nnx.Module):
     """LayerNorm over the last axis; statistics in float32 whatever the compute dtype."""
 
     def __init__(self, dim: int, *, rngs: nnx.Rngs, eps: float = 1e-6,
-                 dtype=jnp.float32, param_dtype=jnp.float32):
+                 dtype=jnp.float32, param_dtype=jnp.float32, axis: str | None = "embed"):
         del rngs  # deterministic init; kept for a uniform constructor signature
         self.eps = eps
         self.dtype = dtype
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("embed",))
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("embed",))
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis,))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=(axis,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)

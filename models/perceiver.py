@@ -328,7 +328,7 @@ class Attention(nnx.Module):
     for the query-key product and `v_channels` for the values, output `out_dim` channels."""
 
     def __init__(self, q_dim: int, kv_dim: int, qk_channels: int, v_channels: int, out_dim: int,
-                 num_heads: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+                 num_heads: int, *, rngs: nnx.Rngs, dtype, param_dtype, kv_axis: str = "embed"):
         for name, width in (("qk_channels", qk_channels), ("v_channels", v_channels)):
             if width % num_heads:
                 raise ValueError(f"Perceiver attention {name}={width} is not divisible by "
@@ -338,9 +338,9 @@ class Attention(nnx.Module):
         hq, hv = qk_channels // num_heads, v_channels // num_heads
         self.query = layers.Dense(q_dim, (num_heads, hq), ("embed", "heads", "kv"),
                                   kernel_init=init(in_axis=0, out_axis=(1, 2)), **kw)
-        self.key = layers.Dense(kv_dim, (num_heads, hq), ("embed", "heads", "kv"),
+        self.key = layers.Dense(kv_dim, (num_heads, hq), (kv_axis, "heads", "kv"),
                                 kernel_init=init(in_axis=0, out_axis=(1, 2)), **kw)
-        self.value = layers.Dense(kv_dim, (num_heads, hv), ("embed", "heads", "kv"),
+        self.value = layers.Dense(kv_dim, (num_heads, hv), (kv_axis, "heads", "kv"),
                                   kernel_init=init(in_axis=0, out_axis=(1, 2)), **kw)
         self.out = layers.Dense((num_heads, hv), out_dim, ("heads", "kv", "embed"),
                                 kernel_init=init(in_axis=(0, 1), out_axis=2), **kw)
@@ -355,16 +355,19 @@ class Attention(nnx.Module):
 
 class PerceiverLayer(nnx.Module):
     """Pre-LN attention (cross-attention when `kv_dim` is given) with an optional query
-    residual, then a pre-LN MLP of width widening x q_dim with a residual."""
+    residual, then a pre-LN MLP of width widening x q_dim with a residual. `kv_axis`: the
+    logical axis of the attended tokens' width (`input` for the input tokens, not sharded)."""
 
     def __init__(self, q_dim: int, kv_dim: int | None, *, num_heads: int, qk_channels: int,
                  v_channels: int, widening: int, query_residual: bool, eps: float,
-                 activation: str, dropout: float, rngs: nnx.Rngs, dtype, param_dtype):
+                 activation: str, dropout: float, rngs: nnx.Rngs, dtype, param_dtype,
+                 kv_axis: str = "embed"):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.norm_q = layers.LayerNorm(q_dim, eps=eps, **kw)
-        self.norm_kv = layers.LayerNorm(kv_dim, eps=eps, **kw) if kv_dim is not None else None
+        self.norm_kv = (layers.LayerNorm(kv_dim, eps=eps, axis=kv_axis, **kw)
+                        if kv_dim is not None else None)
         self.attn = Attention(q_dim, kv_dim or q_dim, qk_channels, v_channels, q_dim, num_heads,
-                              **kw)
+                              kv_axis=kv_axis, **kw)
         self.norm_mlp = layers.LayerNorm(q_dim, eps=eps, **kw)
         self.mlp = layers.MLP(q_dim, widening * q_dim, dropout_rate=dropout, activation=activation,
                               **kw)
@@ -399,7 +402,8 @@ def _cross_attention_layer(cfg: PerceiverConfig, rngs: nnx.Rngs) -> PerceiverLay
                           v_channels=cfg.v_channels or qk, widening=cfg.cross_widening,
                           query_residual=cfg.cross_query_residual, eps=cfg.layernorm_eps,
                           activation=cfg.activation, dropout=cfg.dropout, rngs=rngs,
-                          dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype])
+                          dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
+                          kv_axis="input")
 
 
 # ------------------------------------------------------------------------------------------
@@ -425,10 +429,10 @@ class ArrayInput(nnx.Module):
         self.cfg = cfg
         self.dtype = dtype
         values = cfg.channels * int(np.prod(cfg.patch))
-        self.project = (layers.Dense(values, cfg.project, (None, "embed"), rngs=rngs, dtype=dtype,
+        self.project = (layers.Dense(values, cfg.project, (None, "input"), rngs=rngs, dtype=dtype,
                                      param_dtype=param_dtype) if cfg.project else None)
         self.pos_embedding = (layers.param(rngs, EMBED_INIT, (cfg.num_tokens, cfg.token_channels),
-                                           (None, "embed"), param_dtype)
+                                           (None, "input"), param_dtype)
                               if cfg.position == "learned" else None)
 
     def tokens(self, x: jax.Array) -> jax.Array:
@@ -501,7 +505,7 @@ class Perceiver(nnx.Module):
         # their own, which act as a modality embedding (Perceiver IO, Sec. 4.3 / App. F).
         width = cfg.input_channels
         self.modality_padding = nnx.Dict({
-            i.name: layers.param(rngs, EMBED_INIT, (width - i.num_channels,), ("embed",),
+            i.name: layers.param(rngs, EMBED_INIT, (width - i.num_channels,), ("input",),
                                  param_dtype)
             for i in cfg.inputs} if len(cfg.inputs) > 1 else {})
         self.latents = layers.param(rngs, EMBED_INIT, (cfg.num_latents, cfg.latent_dim),

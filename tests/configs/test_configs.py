@@ -307,3 +307,20 @@ def test_image_text_paper_presets_trace_their_sharded_step(name, preset, fake_im
     exp = experiment.Experiment(c)
     assert exp.mesh.shape["fsdp"] == 8 and c.input.batch_size >= 16384
     assert c.loss.impl == "sharded"
+
+
+@pytest.mark.parametrize("preset", ["io_imagenet", "mlm", "ar"])
+def test_perceiver_paper_presets_build_on_a_simulated_mesh(preset, fake_imagenet, data_dir):
+    """Perceiver IO on 224x224 raw pixels (50,176 tokens), the 2048-byte language model and the
+    8192-byte Perceiver AR: parameters sharded over 8 devices (FSDP), step and evaluator
+    traced."""
+    from vistax.configs import perceiver
+    c = perceiver.get_config(preset)
+    c.input.data_dir = fake_imagenet if preset == "io_imagenet" else data_dir
+    exp = experiment.Experiment(c)
+    assert exp.mesh.shape["fsdp"] == 8 and exp.total_steps >= 1
+    count = sum(x.size for x in jax.tree.leaves(exp.abstract_state["params"]))
+    # The released models' sizes: Perceiver IO ImageNet with Fourier features 48.4M (Perceiver
+    # IO paper's ImageNet model), the language model 201M (transformers' `deepmind/language-perceiver`).
+    expected = {"io_imagenet": 48.44e6, "mlm": 201.1e6, "ar": count}[preset]
+    assert abs(count / expected - 1) < 1e-3, count

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from vistax.configs import perceiver as perceiver_configs
+from vistax.launch import generate
 from vistax.train import loop
 from vistax.train.objectives.perceiver import mask_bytes
 
@@ -64,6 +65,11 @@ def test_text_presets_train_and_score_the_held_out_docs(preset, metric, data_dir
     assert np.isfinite(metrics[metric])
     if preset == "ar_tiny":  # ~ uniform over 259 ids at the start
         assert 6.0 < metrics[metric] < 9.0
+        model = generate.load_model(c, str(tmp_path))  # the trained weights, by name
+        text = generate.generate_text(model, "The ", 12, temperature=1.0)
+        assert isinstance(text, str) and len(text) <= 12  # up to 12 bytes, cut at eos
+        again = generate.generate_text(model, "The ", 12, temperature=1.0)
+        assert text == again  # seeded
     else:
         assert 0.0 <= metrics[metric] <= 1.0
 
@@ -74,7 +80,7 @@ RNG = np.random.RandomState(0)
 def multimodal_batch():
     text = RNG.randint(3, 259, (16, 96)).astype(np.int32)
     text[:, 60:] = 0
-    return {"image": RNG.uniform(-1, 1, (16, 64, 64, 3)).astype(np.float32), "text": text}
+    return {"image": RNG.uniform(-1, 1, (16, 32, 32, 3)).astype(np.float32), "text": text}
 
 
 @pytest.mark.parametrize("preset", ["multimodal_tiny", "ar_tiny"])
@@ -87,6 +93,12 @@ def test_sharded_perceiver_matches_one_device(preset, data_dir, step_losses):
         if preset == "ar_tiny":
             c.model.update(max_length=64, num_latents=16, width=32, mlp_dim=64)
             c.input.pp = perceiver_configs.bytes_pp(63)
+        else:  # the preset's structure (image patches + caption bytes, mlm) at a smaller width
+            c.model.update(num_latents=16, latent_dim=32, qk_channels=32, layers_per_block=2)
+            c.model.inputs.image.shape = (32, 32)
+            c.model.inputs.text.width = 32
+            c.model.decoder.qk_channels = 32
+            c.input.pp = c.input.pp.replace("decode|", "decode|resize(32)|")
         return c
 
     if preset == "ar_tiny":

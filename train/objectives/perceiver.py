@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vistax.models import perceiver, perceiver_ar
+from vistax.models import convert, perceiver, perceiver_ar
 from vistax.train.objectives.base import Objective
 
 # Fixed key of the masks the evaluation encoder draws: every evaluation scores the same bytes.
@@ -100,7 +100,7 @@ class Perceiver(Objective):
             nll, correct, count = self._mlm(model, batch, rng, train_rng=True)
             total = jnp.maximum(count.sum(), 1.0)
             return nll.sum() / total, {"masked_accuracy": correct.sum() / total,
-                                       "masked_fraction": count.mean()}, {}
+                                       "masked_per_example": count.mean()}, {}
         out, _ = model(batch, rng=rng)
         out = out.astype(jnp.float32)
         if kind == "dense":
@@ -115,7 +115,6 @@ class Perceiver(Objective):
     def import_weights(self, state_dict: dict) -> dict:
         """transformers' PyTorch Perceiver (image classification with Fourier features, masked
         language modelling) -> this model's parameters."""
-        from vistax.models import convert  # pylint: disable=import-outside-toplevel
         return convert.perceiver_from_hf(state_dict, self.perceiver_config)
 
     def encoders(self):
