@@ -70,6 +70,22 @@ def bytes_pp(window: int, key: str = "text") -> str:
             f"out='text')|keep('text')")
 
 
+def text_eval(encoder: str, window: int, batch_size: int, every: str,
+              dataset: str = "docs") -> ml_collections.ConfigDict:
+    """The `metrics` evaluator on the held-out split of a byte dataset."""
+    return ml_collections.ConfigDict(dict(
+        type="metrics", encoder=encoder, dataset=dataset, split="test", pp=bytes_pp(window),
+        batch_size=batch_size, every=every))
+
+
+def paper_run(c, *, duration: str, checkpoint_every: str) -> None:
+    """Paper presets: FSDP over every device, logs every 100 steps."""
+    c.duration = duration
+    c.mesh.update(data=1, fsdp=-1)
+    c.log_every = "100 steps"
+    c.checkpoint.every = checkpoint_every
+
+
 def tiny_schedule(c, *, lr: float, warmup: str, duration: str) -> None:
     c.optimizer.update(name="adamw", b1=0.9, b2=0.999, weight_decay=0.05)
     c.schedule.update(base_lr=lr, warmup=warmup)
@@ -118,9 +134,7 @@ def get_config(arg=None):
         tiny_schedule(c, lr=1e-3, warmup="200 steps", duration="3000 steps")
         c.log_every = "250 steps"
         c.checkpoint.every = "1000 steps"
-        c.evals.val = ml_collections.ConfigDict(dict(
-            type="metrics", encoder="masked_bytes", dataset="docs", split="test",
-            pp=bytes_pp(128), batch_size=64, every="1000 steps"))
+        c.evals.val = text_eval("masked_bytes", 128, batch_size=64, every="1000 steps")
     elif preset == "multimodal_tiny":
         c.input.dataset = "shapes"
         c.input.batch_size = 64
@@ -147,12 +161,10 @@ def get_config(arg=None):
         c.input.pp = bytes_pp(511)  # 513 ids: 512 inputs and the targets shifted by one
         c.model = ar_model_config(max_length=512, num_latents=64, width=128, depth=4,
                                   num_heads=4, cross_heads=4, mlp_dim=512)
-        tiny_schedule(c, lr=1e-3, warmup="200 steps", duration="3000 steps")
+        tiny_schedule(c, lr=1e-3, warmup="200 steps", duration="2000 steps")
         c.log_every = "250 steps"
         c.checkpoint.every = "1000 steps"
-        c.evals.val = ml_collections.ConfigDict(dict(
-            type="metrics", encoder="next_token", dataset="docs", split="test",
-            pp=bytes_pp(511), batch_size=32, every="1000 steps"))
+        c.evals.val = text_eval("next_token", 511, batch_size=32, every="1000 steps")
     elif preset in ("imagenet", "io_imagenet"):
         c.input.dataset = "imagenet2012"
         c.input.batch_size = 1024
@@ -168,10 +180,7 @@ def get_config(arg=None):
         c.loss.label_smoothing = 0.1
         c.optimizer.update(name="lamb", b1=0.9, b2=0.999, weight_decay=0.1)
         c.schedule.update(base_lr=4e-3, warmup="10 epochs")
-        c.duration = "120 epochs"
-        c.mesh.update(data=1, fsdp=-1)
-        c.log_every = "100 steps"
-        c.checkpoint.every = "2 epochs"
+        paper_run(c, duration="120 epochs", checkpoint_every="2 epochs")
         c.evals.val = ml_collections.ConfigDict(dict(
             type="classification", dataset="imagenet2012", split="validation", batch_size=1024,
             pp=("decode|resize_small(256, method='bicubic')|center_crop(224)|value_range(0, 1)"
@@ -190,13 +199,8 @@ def get_config(arg=None):
                          query_residual=False))
         c.optimizer.update(name="lamb", b1=0.9, b2=0.999, weight_decay=0.01)
         c.schedule.update(base_lr=1.25e-3, warmup="1000 steps")
-        c.duration = "500000 steps"
-        c.mesh.update(data=1, fsdp=-1)
-        c.log_every = "100 steps"
-        c.checkpoint.every = "5000 steps"
-        c.evals.val = ml_collections.ConfigDict(dict(
-            type="metrics", encoder="masked_bytes", dataset="docs", split="test",
-            pp=bytes_pp(2046), batch_size=512, every="10000 steps"))
+        paper_run(c, duration="500000 steps", checkpoint_every="5000 steps")
+        c.evals.val = text_eval("masked_bytes", 2046, batch_size=512, every="10000 steps")
     else:  # ar
         c.objective = "perceiver_ar"
         c.loss = ml_collections.ConfigDict(dict(key="text"))
@@ -206,13 +210,8 @@ def get_config(arg=None):
         c.model = ar_model_config(dtype="bfloat16", remat="dots_no_batch")
         c.optimizer.update(name="adamw", b1=0.9, b2=0.95, weight_decay=0.1)
         c.schedule.update(base_lr=3e-4, warmup="1000 steps")
-        c.duration = "200000 steps"
-        c.mesh.update(data=1, fsdp=-1)
-        c.log_every = "100 steps"
-        c.checkpoint.every = "5000 steps"
-        c.evals.val = ml_collections.ConfigDict(dict(
-            type="metrics", encoder="next_token", dataset="docs", split="test",
-            pp=bytes_pp(8191), batch_size=256, every="10000 steps"))
+        paper_run(c, duration="200000 steps", checkpoint_every="5000 steps")
+        c.evals.val = text_eval("next_token", 8191, batch_size=256, every="10000 steps")
     # Stacked self-attention layers (per-layer clipping, layer decay) are `self_attends` here.
     c.param_groups.stacked = r"(.*/)?(blocks|self_attends)/.*"
     return c

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from vistax.models import layers
-from vistax.models.transformer import DTYPES, REMAT_POLICIES
+from vistax.models.transformer import DTYPES, REMAT_POLICIES, check_compute_options
 
 # Reference init: truncated normal std 0.02 for the latents and learned position embeddings
 # (Perceiver IO code, `TrainablePositionEncoding` with init_scale 0.02), fan-in variance
@@ -232,12 +232,7 @@ class PerceiverConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self):
-        for key, value, allowed in (("remat", self.remat, tuple(REMAT_POLICIES)),
-                                    ("dtype", self.dtype, tuple(DTYPES)),
-                                    ("param_dtype", self.param_dtype, tuple(DTYPES))):
-            if value not in allowed:
-                raise ValueError(f"model.{key}={value!r} is not one of {list(allowed)}.")
-        layers.check_activation(self.activation)
+        check_compute_options(self)
         for key in ("num_latents", "latent_dim", "num_blocks", "layers_per_block", "cross_heads",
                     "self_heads", "cross_widening", "self_widening"):
             if getattr(self, key) < 1:

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from vistax.models import layers
-from vistax.models.transformer import DTYPES, REMAT_POLICIES, Encoder
+from vistax.models.transformer import DTYPES, Encoder, check_compute_options
 
 EMBED_INIT = jax.nn.initializers.truncated_normal(0.02)
 
@@ -56,12 +56,7 @@ class PerceiverARConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self):
-        for key, value, allowed in (("remat", self.remat, tuple(REMAT_POLICIES)),
-                                    ("dtype", self.dtype, tuple(DTYPES)),
-                                    ("param_dtype", self.param_dtype, tuple(DTYPES))):
-            if value not in allowed:
-                raise ValueError(f"model.{key}={value!r} is not one of {list(allowed)}.")
-        layers.check_activation(self.activation)
+        check_compute_options(self)
         if not 1 <= self.num_latents <= self.max_length:
             raise ValueError(f"model.num_latents={self.num_latents} must lie in [1, "
                              f"max_length={self.max_length}].")

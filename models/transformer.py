@@ -23,6 +23,14 @@ REMAT_POLICIES = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def check_compute_options(cfg) -> None:
+    """Errors naming model.remat / dtype / param_dtype / activation when not a known value."""
+    for key, allowed in (("remat", REMAT_POLICIES), ("dtype", DTYPES), ("param_dtype", DTYPES)):
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"model.{key}={getattr(cfg, key)!r} is not one of {list(allowed)}.")
+    layers.check_activation(cfg.activation)
+
+
 class Block(nnx.Module):
     """Pre-LN transformer block: self-attention, optional cross-attention (decoders), MLP.
 

@@ -51,6 +51,16 @@ def mix_batch(images: jax.Array, targets: jax.Array, rng: jax.Array, *, mixup_al
     return mixed.astype(images.dtype), lam * targets + (1.0 - lam) * targets[::-1]
 
 
+def class_targets(batch: dict, num_classes: int) -> jax.Array:
+    """(B, classes) float targets: the batch's one-hot `labels`, or its integer `label`."""
+    if "labels" in batch:
+        return batch["labels"].astype(jnp.float32)
+    if "label" in batch:
+        return jax.nn.one_hot(batch["label"], num_classes, dtype=jnp.float32)
+    raise KeyError(f"Classification needs a 'labels' (one-hot) or 'label' field in the batch; "
+                   f"got {sorted(batch)}. Add onehot(...) to input.pp.")
+
+
 class Classification(Objective):
     """A ViT classifier trained with cross-entropy on `image` and `labels` (or `label`)."""
 
@@ -75,19 +85,10 @@ class Classification(Objective):
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         return vit.ViT(self.vit_config, rngs=rngs)
 
-    def _targets(self, batch: dict) -> jax.Array:
-        num_classes = self.config.model.num_classes
-        if "labels" in batch:
-            return batch["labels"].astype(jnp.float32)
-        if "label" in batch:
-            return jax.nn.one_hot(batch["label"], num_classes, dtype=jnp.float32)
-        raise KeyError(f"Classification needs a 'labels' (one-hot) or 'label' field in the batch; "
-                       f"got {sorted(batch)}. Add onehot(...) to input.pp.")
-
     def loss(self, model, extra, batch, rng, step):
         del extra, step
         cfg = self.config.loss
-        targets = self._targets(batch)
+        targets = class_targets(batch, self.config.model.num_classes)
         k_mix, k_model = jax.random.split(rng)
         images, targets = mix_batch(batch["image"], targets, k_mix, mixup_alpha=cfg.mixup_alpha,
                                     cutmix_alpha=cfg.cutmix_alpha, switch_prob=cfg.switch_prob,

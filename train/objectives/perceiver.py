@@ -23,6 +23,7 @@ from flax import nnx
 
 from vistax.models import convert, perceiver, perceiver_ar
 from vistax.train.objectives.base import Objective
+from vistax.train.objectives.classification import class_targets
 
 # Fixed key of the masks the evaluation encoder draws: every evaluation scores the same bytes.
 EVAL_MASK_SEED = 0
@@ -41,15 +42,6 @@ def mask_bytes(ids: jax.Array, rng: jax.Array, *, rate: float, first_content_id:
     random_ids = jax.random.randint(k_random, ids.shape, first_content_id, vocab_size)
     corrupted = jnp.where(kind < 0.8, mask_id, jnp.where(kind < 0.9, random_ids, ids))
     return jnp.where(chosen, corrupted, ids).astype(ids.dtype), chosen
-
-
-def targets_from(batch: dict, num_classes: int) -> jax.Array:
-    if "labels" in batch:
-        return batch["labels"].astype(jnp.float32)
-    if "label" in batch:
-        return jax.nn.one_hot(batch["label"], num_classes, dtype=jnp.float32)
-    raise KeyError(f"Perceiver classification needs a 'labels' (one-hot) or 'label' field in the "
-                   f"batch; got {sorted(batch)}. Add onehot(...) to input.pp.")
 
 
 class Perceiver(Objective):
@@ -107,7 +99,7 @@ class Perceiver(Objective):
             name = model.cfg.decoder.modality
             target = model.inputs[name].tokens(batch[name]).astype(jnp.float32)
             return jnp.mean(jnp.square(out - target)), {}, {}
-        targets = targets_from(batch, model.cfg.decoder.num_classes)
+        targets = class_targets(batch, model.cfg.decoder.num_classes)
         smoothed = optax.smooth_labels(targets, self._loss_cfg("label_smoothing", 0.0))
         loss = optax.softmax_cross_entropy(out, smoothed).mean()
         return loss, {"accuracy": (out.argmax(-1) == targets.argmax(-1)).mean()}, {}
