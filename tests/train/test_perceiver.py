@@ -50,17 +50,22 @@ def eval_metrics(workdir):
     return {k: v for line in lines for k, v in line.items() if k.startswith("eval/")}
 
 
-@pytest.mark.parametrize("preset, metric", [("mlm_tiny", "eval/val/masked_accuracy"),
+@pytest.mark.parametrize("preset, metric", [("tiny", "eval/test/accuracy"),
+                                            ("mlm_tiny", "eval/val/masked_accuracy"),
                                             ("ar_tiny", "eval/val/bits_per_byte")])
-def test_text_presets_train_and_score_the_held_out_docs(preset, metric, data_dir, tmp_path):
-    """The `docs` windows, the byte models and the `metrics` evaluator end to end; every
-    held-out record is scored once."""
+def test_presets_train_and_score_the_held_out_split(preset, metric, data_dir, tmp_path):
+    """Raw-pixel classification on digits, and the `docs` windows, the byte models and the
+    `metrics` evaluator end to end; every held-out example is scored once."""
     c = shrink(perceiver_configs.get_config(preset), data_dir)
     if preset == "ar_tiny":  # a shorter context keeps the test fast
         c.model.update(max_length=128, num_latents=16)
         c.input.pp = c.evals.val.pp = perceiver_configs.bytes_pp(127)
     loop.train(c, str(tmp_path))
     metrics = eval_metrics(str(tmp_path))
+    if preset == "tiny":
+        assert metrics["eval/test/num_examples"] == 359  # the digits test split
+        assert 0.0 <= metrics[metric] <= 1.0
+        return
     assert metrics["eval/val/num_examples"] == 106  # the docs test split
     assert np.isfinite(metrics[metric])
     if preset == "ar_tiny":  # ~ uniform over 259 ids at the start
