@@ -70,11 +70,10 @@ def bytes_pp(window: int, key: str = "text") -> str:
             f"out='text')|keep('text')")
 
 
-def text_eval(encoder: str, window: int, batch_size: int, every: str,
-              dataset: str = "docs") -> ml_collections.ConfigDict:
-    """The `metrics` evaluator on the held-out split of a byte dataset."""
+def text_eval(encoder: str, window: int, batch_size: int, every: str) -> ml_collections.ConfigDict:
+    """The `metrics` evaluator on the held-out split of `docs`."""
     return ml_collections.ConfigDict(dict(
-        type="metrics", encoder=encoder, dataset=dataset, split="test", pp=bytes_pp(window),
+        type="metrics", encoder=encoder, dataset="docs", split="test", pp=bytes_pp(window),
         batch_size=batch_size, every=every))
 
 
