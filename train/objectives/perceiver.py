@@ -53,12 +53,12 @@ class Perceiver(Objective):
 
     def validate(self) -> None:
         cfg = self.perceiver_config
-        loss = self.config.get("loss") or {}
-        if not 0.0 <= loss.get("label_smoothing", 0.0) < 1.0:
-            raise ValueError(f"loss.label_smoothing={loss.get('label_smoothing')} must lie in "
-                             "[0, 1).")
-        if cfg.decoder.kind == "mlm" and not 0.0 < loss.get("mask_rate", 0.15) < 1.0:
-            raise ValueError(f"loss.mask_rate={loss.get('mask_rate')} must lie in (0, 1).")
+        smoothing = self._loss_cfg("label_smoothing", 0.0)
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"loss.label_smoothing={smoothing} must lie in [0, 1).")
+        rate = self._loss_cfg("mask_rate", 0.15)
+        if cfg.decoder.kind == "mlm" and not 0.0 < rate < 1.0:
+            raise ValueError(f"loss.mask_rate={rate} must lie in (0, 1).")
 
     def _loss_cfg(self, key, default):
         loss = self.config.get("loss") or {}
