@@ -116,6 +116,20 @@ def _torch_trainer(case, exp, local_batch, torch, torch_status):
     return ((step, sync), model), "ok"
 
 
+def _big_vision_trainer(case, exp, local_batch, device):
+    """(((step, sync), params) or None, status): the big_vision-style linen ViT of a ViT case,
+    on the device the JAX step runs on."""
+    if case.torch != "vit":
+        return None, "no reference"
+    from vistax.benchmarks import linen_vit  # pylint: disable=import-outside-toplevel
+
+    try:
+        return linen_vit.make_trainer(exp.objective.vit_config, exp.config, local_batch,
+                                      device=device), "ok"
+    except linen_vit.Unsupported as e:
+        return None, f"no reference: {e}"
+
+
 def bench_case(case: cases_lib.Case, *, steps: int, warmup: int, peak: float, devices: list,
                torch=None, torch_status: str = "off", data_dir: str | None = None,
                log=print) -> tuple[dict, Experiment, dict]:
@@ -141,20 +155,24 @@ def bench_case(case: cases_lib.Case, *, steps: int, warmup: int, peak: float, de
         return state, metrics
 
     calls = {"jax": (call, timing.block)}
+    big_vision, bv_status = _big_vision_trainer(case, exp, local, devices[0])
+    if big_vision is not None:
+        calls["big_vision"] = big_vision[0]
     trainer, torch_status = _torch_trainer(case, exp, local, torch, torch_status)
     if trainer is not None:
         calls["torch"] = trainer[0]
-    log(f"[{case.name}] train step{', JAX and PyTorch alternating' if trainer else ''} "
-        f"({steps} steps after {warmup} warm-up) ...")
+    log(f"[{case.name}] train step{', taking turns: ' + ', '.join(calls) if len(calls) > 1 else ''}"
+        f" ({steps} steps after {warmup} warm-up) ...")
     try:
         timed = timing.time_interleaved(calls, steps=steps, warmup=warmup)
     except Exception as e:  # pylint: disable=broad-except
         if trainer is None:
             raise
-        # A failing PyTorch reference must not cost the JAX figures: time JAX alone.
+        # A failing PyTorch reference must not cost the JAX figures: time without it.
         torch_status = f"error: {type(e).__name__}: {e}"
         trainer = None
-        timed = timing.time_interleaved({"jax": calls["jax"]}, steps=steps, warmup=warmup)
+        del calls["torch"]
+        timed = timing.time_interleaved(calls, steps=steps, warmup=warmup)
     jax_t = timed["jax"]
     jax_out = {"first_step_s": jax_t["first_s"], "step_s": jax_t["stats"],
                "devices": len(devices)}
@@ -171,12 +189,21 @@ def bench_case(case: cases_lib.Case, *, steps: int, warmup: int, peak: float, de
         torch_out.update(_rates(torch_t["stats"]["median"], batch_size, flops, peak, 1))
     ratio = (jax_out["examples_per_s"] / torch_out["examples_per_s"]
              if torch_out["status"] == "ok" else None)
+    bv_out = {"status": bv_status}
+    if big_vision is not None:
+        bv_t = timed["big_vision"]
+        bv_out.update({"params": big_vision[1], "first_step_s": bv_t["first_s"],
+                       "step_s": bv_t["stats"]})
+        bv_out.update(_rates(bv_t["stats"]["median"], batch_size, flops, peak, 1))
+    bv_ratio = (jax_out["examples_per_s"] / bv_out["examples_per_s"]
+                if bv_out["status"] == "ok" else None)
     result = {
         "name": case.name, "config": case.config, "description": case.description,
         "overrides": dict(case.overrides), "batch_size": batch_size,
         "shapes": {k: list(v.shape) for k, v in local.items()},
         "params": _count(state["params"]), "flops_per_step": flops, "flops_source": source,
-        "jax": jax_out, "torch": torch_out, "ratio": ratio, "pipeline": pipe,
+        "jax": jax_out, "torch": torch_out, "ratio": ratio, "big_vision": bv_out,
+        "big_vision_ratio": bv_ratio, "pipeline": pipe,
     }
     return result, exp, state
 
@@ -228,6 +255,8 @@ def run(cases: str | None = None, *, steps: int = 12, warmup: int = 3, torch_mod
                  "device_kind": getattr(devices[0], "device_kind", ""),
                  "devices": len(devices), "cpu_cores": cpu_cores(),
                  "machine": platform.machine(), "python": platform.python_version(),
+                 "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+                 "xla_flags": os.environ.get("XLA_FLAGS", ""),
                  "jax": jax.__version__, "jaxlib": jaxlib.__version__, "numpy": np.__version__,
                  "torch": torch.__version__ if torch else None,
                  "torch_threads": torch.get_num_threads() if torch else None},

@@ -5,8 +5,8 @@ PyTorch's CPU eager ops return finished), one step at a time, so the figure is t
 one full forward + backward + update with nothing queued. The first call is timed apart (it
 compiles); `warmup` calls then settle caches and allocators; the median of the next `steps`
 calls is the reported figure (robust to a stray slow step on a shared machine), with the
-10th/90th percentiles beside it. Two implementations compared side by side alternate their
-timed calls (`time_interleaved`), so load that comes and goes on the machine hits both.
+10th/90th percentiles beside it. Two implementations compared side by side take turns in
+short rounds (`time_interleaved`), so load that comes and goes on the machine hits both.
 
 The peak that MFU is measured against on a CPU is the best float32 rate of a large square
 matmul, numpy's BLAS and XLA's, best of a few: the rate this machine reaches on the operation a
@@ -48,14 +48,23 @@ def time_calls(fn: Callable[[], object], *, steps: int, warmup: int,
     return time_interleaved({"fn": (fn, sync)}, steps=steps, warmup=warmup, clock=clock)["fn"]
 
 
+# Timed calls per implementation before the other one runs again (time_interleaved).
+BLOCK = 4
+
+
 def time_interleaved(calls: dict[str, tuple[Callable[[], object], Callable | None]], *,
-                     steps: int, warmup: int,
+                     steps: int, warmup: int, block: int = BLOCK,
                      clock: Callable[[], float] = time.perf_counter) -> dict[str, dict]:
     """`time_calls` of several (fn, sync) pairs side by side: after each one's first call and
-    warm-up, the timed calls alternate (a, b, a, b, ...), so a change of load on a shared
-    machine reaches every one of them alike. Returns {name: time_calls' result}."""
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0.")
+    warm-up, they take turns in rounds of one untimed settling call and up to `block` timed
+    calls each, until each has `steps` timed calls. A change of load on a shared machine so
+    reaches every one of them alike, and no timed call follows the other implementation
+    directly: the first JAX step after PyTorch's steps took 1.5x as long as the next ones (the
+    memory the other one freed and took comes back as fresh pages), a cost that consecutive
+    training steps never pay. Returns {name: time_calls' result}."""
+    if steps < 1 or warmup < 0 or block < 1:
+        raise ValueError(f"steps={steps} and block={block} must be >= 1 and warmup={warmup} "
+                         ">= 0.")
 
     def timed(fn, sync) -> float:
         start = clock()
@@ -70,9 +79,14 @@ def time_interleaved(calls: dict[str, tuple[Callable[[], object], Callable | Non
         for _ in range(max(warmup - 1, 0)):
             timed(fn, sync)
         results[name] = {"first_s": first, "seconds": []}
-    for _ in range(steps):
+    alone = len(calls) == 1
+    while len(next(iter(results.values()))["seconds"]) < steps:
         for name, (fn, sync) in calls.items():
-            results[name]["seconds"].append(timed(fn, sync))
+            seconds = results[name]["seconds"]
+            if not alone:
+                timed(fn, sync)  # settles after the other implementation's turn
+            for _ in range(min(block, steps - len(seconds))):
+                seconds.append(timed(fn, sync))
     for result in results.values():
         result["stats"] = summarize(result["seconds"])
     return results

@@ -80,6 +80,39 @@ class Block(nnx.Module):
         return self._residual(x, y, drop_path_rate, keys[5:7], self.ls2)
 
 
+def unstack_layers(tree, depth: int) -> list:
+    """The `depth` per-layer trees of a tree of stacked (leading `layers` axis) leaves, by one
+    `lax.split` per leaf. Its gradient is one concatenate per leaf; indexing `leaf[i]` per layer
+    would instead pad every layer's gradient to the full depth and add them up."""
+    leaves, treedef = jax.tree.flatten(tree)
+    parts = [[jnp.squeeze(p, 0) for p in jax.lax.split(leaf, [1] * depth, axis=0)]
+             for leaf in leaves]
+    return [jax.tree.unflatten(treedef, [p[i] for p in parts]) for i in range(depth)]
+
+
+def _store(x: jax.Array) -> jax.Array:
+    # x with its first element written back in place: a scatter, which XLA never fuses into
+    # its consumers (XLA's CPU compiler drops optimization barriers before fusing).
+    first = (0,) * x.ndim
+    return x.at[first].set(x[first])
+
+
+@jax.custom_vjp
+def materialize(x: jax.Array) -> jax.Array:
+    """The identity, with `x` (and, in the backward pass, its gradient) kept in memory.
+
+    Between the blocks of an unrolled stack: without it, XLA's CPU fusion recomputes the whole
+    chain of elementwise residual-stream (and residual-gradient) updates from the last
+    materialised value inside every consumer, one more block each layer down: the fusions of
+    a 12-block ViT-S/16 step grew to ~900 instructions and the step took 2.2x as long as with
+    this boundary (benchmarks/README.md). Exact: only a copy of the value moves.
+    """
+    return _store(x)
+
+
+materialize.defvjp(lambda x: (_store(x), None), lambda _, g: (_store(g),))
+
+
 class Encoder(nnx.Module):
     """`depth` blocks whose parameters are stacked on a leading `layers` axis, then a final LN
     (`final_norm=False` leaves it out, for a stack another stack continues)."""
@@ -107,10 +140,13 @@ class Encoder(nnx.Module):
                  mask: jax.Array | None = None, is_causal: bool = False,
                  context: jax.Array | None = None) -> jax.Array:
         graphdef, stacked = nnx.split(self.blocks)
-        rates = jnp.asarray(self.drop_path_rates, jnp.float32)
+        # Without stochastic depth the rate is a Python 0.0, so no per-sample masks are drawn.
+        rates = (jnp.asarray(self.drop_path_rates, jnp.float32) if any(self.drop_path_rates)
+                 else None)
 
         def apply_block(h, block_state, rate, key):
-            return nnx.merge(graphdef, block_state)(h, rate, key, mask=mask, is_causal=is_causal,
+            return nnx.merge(graphdef, block_state)(h, 0.0 if rate is None else rate, key,
+                                                    mask=mask, is_causal=is_causal,
                                                     context=context)
 
         if self.remat != "none":
@@ -122,9 +158,10 @@ class Encoder(nnx.Module):
                 return apply_block(h, block_state, rate, key), None
             x, _ = jax.lax.scan(body, x, (stacked, rates, keys))
         else:
-            for i in range(self.depth):
-                block_state = jax.tree.map(lambda p, i=i: p[i], stacked)
-                x = apply_block(x, block_state, rates[i], None if keys is None else keys[i])
+            for i, block_state in enumerate(unstack_layers(stacked, self.depth)):
+                x = apply_block(x, block_state, None if rates is None else rates[i],
+                                None if keys is None else keys[i])
+                x = materialize(x)
         return x if self.norm is None else self.norm(x)
 
     def last_attention(self, x: jax.Array) -> jax.Array:

@@ -13,7 +13,8 @@ VISTAX = [_SCRIPT] if os.path.exists(_SCRIPT) else [sys.executable, "-m", "vista
 
 
 def bench(*args, cwd):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    env = {k: v for k, v in os.environ.items()  # one CPU device, the CLI's malloc settings
+           if k not in ("XLA_FLAGS", "GLIBC_TUNABLES", "VISTAX_MALLOC_TUNING")}
     env["JAX_PLATFORMS"] = "cpu"
     return subprocess.run(VISTAX + ["bench", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -41,6 +42,11 @@ def test_bench_one_tiny_case_writes_the_report(tmp_path, data_dir):
     assert ck["case"] == "vit_tiny" and ck["every"] == "1000 steps" and ck["bytes"] > 0
     assert 0 < ck["blocking_share_pct"] < 100
     assert rep["protocol"]["steps"] == 2 and rep["peak"]["size"] == 128
+    # The CLI restarted itself with glibc's huge-page malloc (Linux/glibc), and says so.
+    import platform  # pylint: disable=import-outside-toplevel
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert "glibc.malloc.hugetlb=1" in rep["host"]["glibc_tunables"]
+        assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in result.stdout
     assert "vit_tiny" in result.stdout and "JAX/torch" in result.stdout
     assert f"wrote {path}" in result.stdout
 

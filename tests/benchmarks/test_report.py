@@ -23,6 +23,10 @@ def fake_case(name="vit_s16_112", torch_ok=True):
             "batch_size": 64, "shapes": {"image": [64, 112, 112, 3], "labels": [64, 1000]},
             "params": 10, "flops_per_step": 1e11, "flops_source": "analytic",
             "jax": jax_side, "torch": torch_side, "ratio": 1.25 if torch_ok else None,
+            "big_vision": ({"status": "ok", "params": 10, "first_step_s": 3.0,
+                            "step_s": stats(1.6), "examples_per_s": 40.0, "flops_per_s": 6e10,
+                            "mfu": 0.4} if torch_ok else {"status": "no reference"}),
+            "big_vision_ratio": 1.6 if torch_ok else None,
             "pipeline": {"examples_per_s": 128.0, "worker_count": 0, "batch_s": stats(0.5),
                          "ratio_to_step": 2.0}}
 
@@ -78,7 +82,10 @@ def test_goals_and_tables():
     assert goals[("vit_s16_112", "MFU")] is True  # 62.5%
     assert goals[("vit_s16_112", "input")] is False  # pipeline 2x < 3x
     assert goals[("vit_s16_112", "checkpoint")] is True
+    (bv_goal,) = [g for g in rep["goals"] if "big_vision" in g["goal"]]
+    assert bv_goal["met"] is True and bv_goal["measured"] == 1.6  # >= 1.3x
     text = report.format_report(rep)
+    assert "JAX/bv" in text and "1.60" in text and "big_vision-style linen ViT 10" in text
     assert "64 x image 112x112x3, labels 1000" in text
     assert "JAX/torch" in text and "1.25" in text and "no reference" in text
     assert "blocking 0.02%" in text and "[not met] vit_s16_112: input pipeline" in text

@@ -1,5 +1,5 @@
 """The measurement protocol on a fake clock: warm-up excluded, medians and percentiles, the
-alternation of side-by-side timings."""
+turns of side-by-side timings."""
 
 import pytest
 
@@ -58,14 +58,25 @@ def test_warmup_zero_still_times_the_first_call_apart():
         timing.time_calls(fake.fn(), steps=0, warmup=1, clock=fake.clock)
 
 
-def test_interleaved_alternates_timed_calls_after_each_warmup():
-    fake = FakeClock([10.0, 1.0, 20.0, 2.0, 1.5, 2.5, 1.0, 3.0, 1.25, 2.0])
+def test_interleaved_takes_turns_with_a_settling_call_after_each_switch():
+    # a: first 10, warm-up 1; b: first 20, warm-up 2. Then rounds of (settle, up to 2 timed):
+    # a settles 9 and times 1.5, 1.0; b settles 8 and times 2.5, 3.0; a settles 7 and times
+    # 1.25; b settles 6 and times 2.0.
+    fake = FakeClock([10.0, 1.0, 20.0, 2.0, 9.0, 1.5, 1.0, 8.0, 2.5, 3.0, 7.0, 1.25, 6.0, 2.0])
     out = timing.time_interleaved({"a": (fake.fn("a"), None), "b": (fake.fn("b"), fake.sync)},
-                                  steps=3, warmup=2, clock=fake.clock)
-    assert fake.calls == ["a", "a", "b", "b", "a", "b", "a", "b", "a", "b"]
+                                  steps=3, warmup=2, block=2, clock=fake.clock)
+    assert fake.calls == ["a", "a", "b", "b"] + ["a"] * 3 + ["b"] * 3 + ["a"] * 2 + ["b"] * 2
     assert out["a"]["first_s"] == 10.0 and out["b"]["first_s"] == 20.0
     assert out["a"]["seconds"] == [1.5, 1.0, 1.25] and out["b"]["seconds"] == [2.5, 3.0, 2.0]
     assert out["a"]["stats"]["median"] == 1.25 and out["b"]["stats"]["median"] == 2.5
+    assert not fake.durations  # no settling call is timed, none is left over
+
+
+def test_one_implementation_alone_needs_no_settling_calls():
+    fake = FakeClock([5.0, 1.0, 2.0, 3.0])
+    out = timing.time_interleaved({"a": (fake.fn("a"), None)}, steps=3, warmup=1, block=2,
+                                  clock=fake.clock)
+    assert out["a"]["seconds"] == [1.0, 2.0, 3.0] and len(fake.calls) == 4
 
 
 def test_matmul_peak_is_a_positive_rate():
