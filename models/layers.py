@@ -93,9 +93,10 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 def drop_path(x: jax.Array, rate: jax.Array | float, rng: jax.Array | None) -> jax.Array:
     """Stochastic depth (Huang et al. 2016): drops a residual branch per sample.
 
-    `rate` may be traced (a per-layer value scanned over depth); identity when `rng` is None.
+    `rate` may be traced (a per-layer value scanned over depth); identity when `rng` is None
+    or `rate` is a Python 0.
     """
-    if rng is None:
+    if rng is None or (isinstance(rate, (int, float)) and rate == 0):
         return x
     keep_prob = 1.0 - jnp.asarray(rate, jnp.float32)
     keep = jax.random.bernoulli(rng, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
