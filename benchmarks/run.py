@@ -3,9 +3,9 @@
 Per case: the config is built by `Experiment` (validated, pre-flighted on the built-in
 dataset), the input pipeline is timed alone and its first batch kept; the train step is then
 timed on that batch, placed on the devices once (so neither the pipeline nor the host-to-device
-copy is in the step time), and where a PyTorch equivalent exists and torch imports, the same
-step in PyTorch on the same batch, the two alternating step by step
-(timing.time_interleaved). On a CPU the step runs on one device (XLA's thread pool uses every
+copy is in the step time), beside it, on the same batch, big_vision's ViT written in linen
+(linen_vit.py, ViT cases) and, where a PyTorch equivalent exists and torch imports, the same
+step in PyTorch, taking turns in short rounds (timing.time_interleaved). On a CPU the step runs on one device (XLA's thread pool uses every
 core; simulated devices would only split them) and PyTorch gets as many threads as the process
 may use cores. Model FLOPs are the objective's analytic count (3 x forward x batch, the MFU
 convention of train/metrics.py); an objective without one is counted by XLA's cost analysis

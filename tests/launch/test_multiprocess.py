@@ -181,8 +181,9 @@ def test_two_processes_train_like_one(straight):
     loss1, loss2 = _losses(one), _losses(two)
     assert sorted(loss2) == list(range(1, STEPS + 1))
     # The same examples in every global batch (the processes interleave them), so the same
-    # losses up to float32 summation order, over all 20 steps.
-    np.testing.assert_allclose([loss2[s] for s in loss1], list(loss1.values()), rtol=1e-5)
+    # losses up to float32 summation order (gloo's cross-process all-reduce against the
+    # in-process one), over all 20 AdamW steps: the largest drift seen is 1.6e-5, at step 16.
+    np.testing.assert_allclose([loss2[s] for s in loss1], list(loss1.values()), rtol=3e-5)
     assert loss2[STEPS] < 0.95 * loss2[1]  # and it learns
     evals2 = [r for r in _rows(two) if "eval/test/num_examples" in r]
     assert evals2[-1]["eval/test/num_examples"] == 359  # each test example counted once
