@@ -5,11 +5,12 @@ dataset), the input pipeline is timed alone and its first batch kept; the train 
 timed on that batch, placed on the devices once (so neither the pipeline nor the host-to-device
 copy is in the step time), beside it, on the same batch, big_vision's ViT written in linen
 (linen_vit.py, ViT cases) and, where a PyTorch equivalent exists and torch imports, the same
-step in PyTorch, taking turns in short rounds (timing.time_interleaved). On a CPU the step runs on one device (XLA's thread pool uses every
-core; simulated devices would only split them) and PyTorch gets as many threads as the process
-may use cores. Model FLOPs are the objective's analytic count (3 x forward x batch, the MFU
-convention of train/metrics.py); an objective without one is counted by XLA's cost analysis
-of the unoptimised step (`Experiment.lower_step`), elementwise work included, and says so.
+step in PyTorch, taking turns in short rounds (timing.time_interleaved). On a CPU the step
+runs on one device (XLA's thread pool uses every core; simulated devices would only split
+them) and PyTorch gets as many threads as the process may use cores. Model FLOPs are the
+objective's analytic count (3 x forward x batch, the MFU convention of train/metrics.py); an
+objective without one is counted by XLA's cost analysis of the unoptimised step
+(`Experiment.lower_step`), elementwise work included, and says so.
 """
 
 from __future__ import annotations
@@ -161,8 +162,8 @@ def bench_case(case: cases_lib.Case, *, steps: int, warmup: int, peak: float, de
     trainer, torch_status = _torch_trainer(case, exp, local, torch, torch_status)
     if trainer is not None:
         calls["torch"] = trainer[0]
-    log(f"[{case.name}] train step{', taking turns: ' + ', '.join(calls) if len(calls) > 1 else ''}"
-        f" ({steps} steps after {warmup} warm-up) ...")
+    turns = f", taking turns: {', '.join(calls)}" if len(calls) > 1 else ""
+    log(f"[{case.name}] train step{turns} ({steps} steps after {warmup} warm-up) ...")
     try:
         timed = timing.time_interleaved(calls, steps=steps, warmup=warmup)
     except Exception as e:  # pylint: disable=broad-except

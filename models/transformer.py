@@ -104,8 +104,8 @@ def materialize(x: jax.Array) -> jax.Array:
     Between the blocks of an unrolled stack: without it, XLA's CPU fusion recomputes the whole
     chain of elementwise residual-stream (and residual-gradient) updates from the last
     materialised value inside every consumer, one more block each layer down: the fusions of
-    a 12-block ViT-S/16 step grew to ~900 instructions and the step took 2.2x as long as with
-    this boundary (benchmarks/README.md). Exact: only a copy of the value moves.
+    a 12-block ViT-S/16 step grew to ~900 instructions and the step took about twice as long
+    as with this boundary (README, Benchmarks). Exact: only a copy of the value moves.
     """
     return _store(x)
 

@@ -147,3 +147,16 @@ def test_unrolled_stack_fusions_grow_linearly_with_depth():
     two, four, eight = fused(2), fused(4), fused(8)
     per_block_low, per_block_high = (four - two) / 2, (eight - four) / 4
     assert per_block_high <= 1.15 * per_block_low, (two, four, eight)
+
+
+def test_gpu_path_through_dot_product_attention_gives_the_same_outputs(monkeypatch):
+    """On GPUs attention goes through jax.nn.dot_product_attention (cuDNN where it applies) in
+    (B, T, heads, head_dim); forced here on the CPU, it equals the (B, heads, T, head_dim)
+    path."""
+    attn = layers.MultiHeadAttention(24, 3, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(2), (2, 6, 24))
+    kv = jax.random.normal(jax.random.key(3), (2, 4, 24))
+    cpu_self, cpu_cross = attn(x, is_causal=True), attn(x, kv)
+    monkeypatch.setattr(layers, "fused_attention_backend", lambda: True)
+    np.testing.assert_allclose(attn(x, is_causal=True), cpu_self, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(attn(x, kv), cpu_cross, rtol=1e-5, atol=1e-6)
