@@ -475,9 +475,11 @@ def _reexec_with_malloc_tuning() -> None:
     """Restarts this process once (same pid, arguments and environment) with MALLOC_TUNABLE
     added to GLIBC_TUNABLES: glibc reads it only at start-up. Not where GLIBC_TUNABLES already
     sets glibc.malloc.hugetlb (the user's choice), off glibc, or with VISTAX_MALLOC_TUNING=0."""
+    tuning = os.environ.get("VISTAX_MALLOC_TUNING", "1")
+    if tuning not in ("0", "1"):
+        sys.exit(f"vistax: VISTAX_MALLOC_TUNING={tuning!r} is not '0' (off) or '1' (on).")
     current = os.environ.get("GLIBC_TUNABLES", "")
-    if (not sys.platform.startswith("linux") or "glibc.malloc.hugetlb" in current
-            or os.environ.get("VISTAX_MALLOC_TUNING", "1") == "0"
+    if (tuning == "0" or not sys.platform.startswith("linux") or "glibc.malloc.hugetlb" in current
             or platform.libc_ver()[0] != "glibc"):
         return
     os.environ["GLIBC_TUNABLES"] = f"{current}:{MALLOC_TUNABLE}" if current else MALLOC_TUNABLE
