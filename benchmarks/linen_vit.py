@@ -7,8 +7,9 @@ embeddings on the patch tokens (normal, std 1/sqrt(width)) and a zero cls token 
 `Encoder1DBlock`s with `nn.MultiHeadDotProductAttention` (separate q/k/v projections, xavier
 kernels) and an `MlpBlock`, layers unrolled in a Python loop (big_vision's default
 `scan=False`), a final LayerNorm and a zero-initialised head. The training step is optax AdamW
-with the config's learning rate, betas, eps and weight decay on kernels, global-norm clipping
-where the config clips, and label-smoothed softmax cross-entropy, jitted with donated state.
+with the config's learning rate, betas, eps and weight decay on the parameters
+`param_groups.wd_mask` selects (kernels), global-norm clipping where the config clips, and
+label-smoothed softmax cross-entropy on vistax's class targets, jitted with donated state.
 
 The math is the vistax step's: the config's activation (exact GELU for the ImageNet presets;
 big_vision's `nn.gelu` default is the tanh approximation, a little cheaper), fp32, no dropout
@@ -24,6 +25,8 @@ import optax
 from flax import linen as nn
 
 from vistax.models import layers as vistax_layers
+from vistax.train import param_groups
+from vistax.train.objectives.classification import class_targets
 
 
 class Unsupported(ValueError):
@@ -116,14 +119,14 @@ def make_trainer(model_config, config, batch: dict, *, device=None, seed: int = 
     device = device or jax.local_devices()[0]
     model = ViT(model_config)
     images = jax.device_put(np.asarray(batch["image"], np.float32), device)
+    targets = jax.device_put(class_targets(batch, model_config.num_classes), device)
     smoothing = float(config.loss.label_smoothing)
-    if "labels" in batch:
-        targets = jax.device_put(np.asarray(batch["labels"], np.float32), device)
-    else:
-        targets = jax.device_put(np.asarray(batch["label"], np.int32), device)
     with jax.default_device(device):
         params = jax.jit(model.init)(jax.random.key(seed), images[:1])["params"]
-    decay = jax.tree.map(lambda p: p.ndim >= 2, params)
+    # The decay set of vistax's optimizer (configs/common.py: kernels only).
+    wd_mask = config.param_groups.wd_mask
+    decay = (param_groups.mask(params, "param_groups.wd_mask", (wd_mask,)) if wd_mask
+             else jax.tree.map(lambda _: False, params))
     tx = optax.adamw(float(config.schedule.base_lr), b1=float(opt.b1), b2=float(opt.b2),
                      eps=float(opt.eps), weight_decay=float(opt.weight_decay), mask=decay)
     clip = config.get("grad_clip_norm")
@@ -132,11 +135,7 @@ def make_trainer(model_config, config, batch: dict, *, device=None, seed: int = 
 
     def loss_fn(params):
         logits = model.apply({"params": params}, images)
-        labels = targets
-        if labels.ndim == 1:
-            labels = jax.nn.one_hot(labels, logits.shape[-1])
-        labels = optax.smooth_labels(labels, smoothing) if smoothing else labels
-        return optax.softmax_cross_entropy(logits, labels).mean()
+        return optax.softmax_cross_entropy(logits, optax.smooth_labels(targets, smoothing)).mean()
 
     def train_step(params, opt_state):
         loss, grads = jax.value_and_grad(loss_fn)(params)

@@ -34,6 +34,7 @@ def test_training_step_lowers_the_loss_on_a_fixed_batch():
         "optimizer": {"name": "adamw", "b1": 0.9, "b2": 0.999, "eps": 1e-8,
                       "weight_decay": 0.05},
         "schedule": {"base_lr": 1e-3}, "loss": {"label_smoothing": 0.1},
+        "param_groups": {"wd_mask": r".*/kernel$"},
         "grad_clip_norm": 1.0})
     rng = np.random.default_rng(0)
     batch = {"image": rng.standard_normal((8, 32, 32, 3)).astype(np.float32),
