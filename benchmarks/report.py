@@ -214,7 +214,7 @@ def format_report(report: dict) -> str:
             elif "checkpoint" in g["goal"]:
                 measured = f"{g['measured']:.3g}%"
             else:
-                measured = f"{g['measured']:.2f}x"  # ratios
+                measured = f"{g['measured']:.2f}x"
             lines.append(f"  [{'met' if g['met'] else 'not met'}] {g['case']}: {g['goal']}: "
                          f"{measured}")
     return "\n".join(lines).rstrip() + "\n"

@@ -174,30 +174,29 @@ def bench_case(case: cases_lib.Case, *, steps: int, warmup: int, peak: float, de
         trainer = None
         del calls["torch"]
         timed = timing.time_interleaved(calls, steps=steps, warmup=warmup)
-    jax_t = timed["jax"]
-    jax_out = {"first_step_s": jax_t["first_s"], "step_s": jax_t["stats"],
-               "devices": len(devices)}
-    jax_out.update(_rates(jax_t["stats"]["median"], batch_size, flops, peak, len(devices)))
+    def side(name: str, devices_used: int) -> dict:
+        """First step, step statistics and rates of one timed implementation."""
+        t = timed[name]
+        return {"first_step_s": t["first_s"], "step_s": t["stats"],
+                **_rates(t["stats"]["median"], batch_size, flops, peak, devices_used)}
+
+    jax_out = {**side("jax", len(devices)), "devices": len(devices)}
     pipe["ratio_to_step"] = pipe["examples_per_s"] / jax_out["examples_per_s"]
     torch_out = {"status": torch_status}
     if trainer is not None:
-        torch_t = timed["torch"]
         model = trainer[1]
         torch_out.update({"params": int(sum(p.numel() for p in model.parameters())),
                           "device": str(next(model.parameters()).device),
-                          "threads": torch.get_num_threads(), "first_step_s": torch_t["first_s"],
-                          "step_s": torch_t["stats"]})
-        torch_out.update(_rates(torch_t["stats"]["median"], batch_size, flops, peak, 1))
-    ratio = (jax_out["examples_per_s"] / torch_out["examples_per_s"]
-             if torch_out["status"] == "ok" else None)
+                          "threads": torch.get_num_threads(), **side("torch", 1)})
     bv_out = {"status": bv_status}
     if big_vision is not None:
-        bv_t = timed["big_vision"]
-        bv_out.update({"params": big_vision[1], "first_step_s": bv_t["first_s"],
-                       "step_s": bv_t["stats"]})
-        bv_out.update(_rates(bv_t["stats"]["median"], batch_size, flops, peak, 1))
-    bv_ratio = (jax_out["examples_per_s"] / bv_out["examples_per_s"]
-                if bv_out["status"] == "ok" else None)
+        bv_out.update({"params": big_vision[1], **side("big_vision", 1)})
+
+    def over(reference: dict) -> float | None:
+        return (jax_out["examples_per_s"] / reference["examples_per_s"]
+                if reference["status"] == "ok" else None)
+
+    ratio, bv_ratio = over(torch_out), over(bv_out)
     result = {
         "name": case.name, "config": case.config, "description": case.description,
         "overrides": dict(case.overrides), "batch_size": batch_size,
