@@ -2,14 +2,16 @@
 size and worker count, as `vistax train` builds it, timed without a train step running.
 
 The rate is examples over the wall time of `batches` consecutive batches after the warm-up and
-after taking the batches grain already holds ready (`read_threads` of them, prepared during
-the warm-up: counted, they would overstate the rate); per-batch times are summarised beside
-it. In training the pipeline shares the CPU with the step, so the rate measured alone is an
-upper bound of what the step sees; the goal is a rate at least 3x the step's consumption.
+after taking the batches grain may already hold ready (`ready_batches`: prepared during the
+warm-up, counted they would overstate the rate); per-batch times are summarised beside it. With `input.cache` the warm-up lasts at least one epoch, so the rate is that of every
+epoch after the first (which reads and decodes as without the cache). In training the
+pipeline shares the CPU with the step, so the rate measured alone is an upper bound of what
+the step sees; the goal is a rate at least 3x the step's consumption.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 from vistax.benchmarks import timing
@@ -17,9 +19,16 @@ from vistax.data import pipeline
 
 GOAL_RATIO = 3.0
 READ_THREADS = 2  # train_iterator's default, as `vistax train` uses it
-# Fewest batches timed: grain's threads finish batches in bursts of READ_THREADS, so a rate over
-# one or two batches says little.
-MIN_BATCHES = 8
+# Fewest batches timed: grain's threads finish batches in bursts of READ_THREADS, and worker
+# processes in bursts of their count, so a rate over a few batches says little.
+MIN_BATCHES = 24
+
+
+def ready_batches(worker_count: int) -> int:
+    """Most batches grain can hold ready while the consumer waits: READ_THREADS in the read
+    buffer of each process that reads (the trainer, or each worker) and one more in its hand
+    or queue."""
+    return (READ_THREADS + 1) * max(worker_count, 1)
 
 
 def iterator(config):
@@ -27,7 +36,7 @@ def iterator(config):
     return pipeline.train_iterator(dataset=inp.dataset, split=inp.split, pp=inp.pp,
                                    global_batch_size=inp.batch_size, seed=config.seed,
                                    data_dir=inp.data_dir, worker_count=inp.worker_count,
-                                   read_threads=READ_THREADS)
+                                   read_threads=READ_THREADS, cache=inp.cache)
 
 
 def run(config, *, batches: int, warmup: int, clock=time.perf_counter) -> tuple[dict, dict]:
@@ -36,6 +45,9 @@ def run(config, *, batches: int, warmup: int, clock=time.perf_counter) -> tuple[
     if batches < 1:
         raise ValueError(f"batches={batches} must be >= 1.")
     inp = config.input
+    if inp.cache:  # time the epochs served from the cache
+        epoch = pipeline.split_size(inp.dataset, inp.split, inp.data_dir)
+        warmup = max(warmup, math.ceil(epoch / inp.batch_size))
     it = iterator(config)
     try:
         start = clock()
@@ -43,9 +55,9 @@ def run(config, *, batches: int, warmup: int, clock=time.perf_counter) -> tuple[
         first_s = clock() - start
         for _ in range(max(warmup - 1, 0)):
             next(it)
-        # grain holds up to READ_THREADS batches ready; taking them untimed starts the clock
-        # with the buffer empty, so the rate is the rate batches are made at.
-        for _ in range(READ_THREADS):
+        # Taking the batches grain may hold ready untimed starts the clock with its buffers
+        # empty, so the rate is the rate batches are made at.
+        for _ in range(ready_batches(inp.worker_count)):
             next(it)
         seconds = []
         begin = clock()
@@ -58,7 +70,8 @@ def run(config, *, batches: int, warmup: int, clock=time.perf_counter) -> tuple[
         it.close()
     result = {
         "dataset": inp.dataset, "split": inp.split, "pp": inp.pp, "batch_size": inp.batch_size,
-        "worker_count": inp.worker_count, "batches": batches, "first_batch_s": first_s,
+        "worker_count": inp.worker_count, "cache": inp.cache, "warmup_batches": warmup,
+        "batches": batches, "first_batch_s": first_s,
         "examples_per_s": batches * inp.batch_size / max(elapsed, 1e-12),
         "batch_s": timing.summarize(seconds),
     }

@@ -87,6 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.input.pp = ""
     c.input.batch_size = 256  # global, across all devices and processes
     c.input.worker_count = 0  # grain worker processes per host
+    # Keep the split's records in host memory after their first read, with the pp's leading
+    # deterministic ops (decode, resize, ...) applied: for datasets that fit in RAM.
+    c.input.cache = False
 
     c.optimizer = ml_collections.ConfigDict(dict(
         name="adamw", b1=0.9, b2=0.999, eps=1e-8, momentum=0.9, nesterov=False,

@@ -106,6 +106,7 @@ def get_config(arg=None):
     c.param_groups.hold = ((r"head/last_layer/.*", "1 epochs"),)
     if arg.preset == "tiny":
         c.input.dataset = "digits"
+        c.input.cache = True  # a built-in dataset: a few MB in memory
         c.input.batch_size = 64
         patch, size = 8, 32
         c.model = vit.model_config(width=128, depth=4, mlp_dim=512, num_heads=4,

@@ -75,6 +75,7 @@ def tiny_data(c) -> None:
     """Training on `shapes` train, zero-shot on the held-out combinations, retrieval on test."""
     size = TINY_IMAGE_SIZE
     c.input.dataset = "shapes"
+    c.input.cache = True  # a built-in dataset: a few MB in memory
     c.input.batch_size = 256
     image = f"decode|resize({size})|value_range(-1, 1)"
     c.input.pp = f"{image}|{tokenize(c)}|keep('image', 'text')"

@@ -69,6 +69,7 @@ def get_config(arg=None):
     c.optimizer.update(b1=0.9, b2=0.95, weight_decay=0.05)
     if arg.preset == "tiny":
         c.input.dataset = "digits"
+        c.input.cache = True  # a built-in dataset: a few MB in memory
         c.input.batch_size = 128
         c.input.pp = ("decode|random_resized_crop(32, scale=(0.5, 1.0), ratio=(0.8, 1.25))"
                       "|value_range(-1, 1)|keep('image')")  # no flips: digits are not symmetric

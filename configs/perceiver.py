@@ -101,6 +101,7 @@ def get_config(arg=None):
     if preset in ("tiny", "shapes"):
         digits = preset == "tiny"
         c.input.dataset = "digits" if digits else "shapes"
+        c.input.cache = True  # a built-in dataset: a few MB in memory
         # digits are 8x8 originals (16 px keeps them whole); shapes' 64 px are halved.
         size, channels = (16, 1) if digits else (32, 3)
         c.input.batch_size = 128
@@ -122,6 +123,7 @@ def get_config(arg=None):
             every="10 epochs" if digits else "5 epochs"))
     elif preset == "mlm_tiny":
         c.input.dataset = "docs"
+        c.input.cache = True  # a built-in dataset: a few MB in memory
         c.input.batch_size = 64
         c.input.pp = bytes_pp(128)
         c.model = model_config(
@@ -136,6 +138,7 @@ def get_config(arg=None):
         c.evals.val = text_eval("masked_bytes", 128, batch_size=64, every="1000 steps")
     elif preset == "multimodal_tiny":
         c.input.dataset = "shapes"
+        c.input.cache = True  # a built-in dataset: a few MB in memory
         c.input.batch_size = 64
         pp = ("decode|value_range(-1, 1)|tokenize('bytes', 96, key='caption', out='text')"
               "|keep('image', 'text')")
@@ -156,6 +159,7 @@ def get_config(arg=None):
         c.objective = "perceiver_ar"
         c.loss = ml_collections.ConfigDict(dict(key="text"))
         c.input.dataset = "docs"
+        c.input.cache = True  # a built-in dataset: a few MB in memory
         c.input.batch_size = 32
         c.input.pp = bytes_pp(511)  # 513 ids: 512 inputs and the targets shifted by one
         c.model = ar_model_config(max_length=512, num_latents=64, width=128, depth=4,
@@ -187,6 +191,7 @@ def get_config(arg=None):
             every="5 epochs"))
     elif preset == "mlm":
         c.input.dataset = "docs"
+        c.input.cache = True  # a built-in dataset: a few MB in memory
         c.input.batch_size = 512
         c.input.pp = bytes_pp(2046)
         c.model = model_config(
@@ -204,6 +209,7 @@ def get_config(arg=None):
         c.objective = "perceiver_ar"
         c.loss = ml_collections.ConfigDict(dict(key="text"))
         c.input.dataset = "docs"
+        c.input.cache = True  # a built-in dataset: a few MB in memory
         c.input.batch_size = 256
         c.input.pp = bytes_pp(8191)
         c.model = ar_model_config(dtype="bfloat16", remat="dots_no_batch")

@@ -54,6 +54,7 @@ def get_config(arg=None):
 
     if arg.preset == "tiny":
         c.input.dataset = "digits"
+        c.input.cache = True  # a built-in dataset: a few MB in memory
         c.input.batch_size = 128
         c.input.pp = ("decode|random_resized_crop(32, scale=(0.7, 1.0), ratio=(0.8, 1.25))"
                       "|value_range(-1, 1)|onehot(10)|keep('image', 'labels')")

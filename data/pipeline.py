@@ -15,8 +15,11 @@ number of processes or workers, and differs between epochs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
+import threading
+import time
 from typing import Any, Iterator
 
 import grain
@@ -170,6 +173,63 @@ class _Records:
         return record
 
 
+# Host memory the records cache may fill (all worker processes together, each holding its own
+# copy), as a share of the machine's physical memory.
+CACHE_MEMORY_SHARE = 0.5
+
+
+def _nbytes(value: Any) -> int:
+    """Approximate bytes held by a record's values."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (bytes, str)):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 8
+
+
+def physical_memory() -> int:
+    """Bytes of physical memory of this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class _CachedRecords:
+    """Records after a pp's leading deterministic ops, each computed on first access and then
+    held in host memory (big_vision's `cache_raw`, extended to e.g. `decode`): later epochs
+    skip the tfds read and those ops. Cached arrays are made read-only, so an op that wrote
+    into its input in place would fail instead of corrupting later epochs."""
+
+    def __init__(self, records: _Records, head: preprocess_lib.Preprocess, *, copies: int,
+                 where: str):
+        self._records, self._head = records, head
+        self._cache: list[dict[str, Any] | None] = [None] * len(records)
+        estimate = _nbytes(self[0]) * len(records) * copies
+        budget = CACHE_MEMORY_SHARE * physical_memory()
+        if estimate > budget:
+            raise ValueError(
+                f"input.cache=True would hold about {estimate / 2**30:.1f} GiB of {where} in "
+                f"memory ({len(records)} records after {head.spec or 'reading'!r}, sized from the "
+                f"first, x {copies} process(es)), more than {CACHE_MEMORY_SHARE:.0%} of this "
+                f"machine's {physical_memory() / 2**30:.1f} GiB; set input.cache=False for this "
+                "dataset.")
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        cached = self._cache[index]
+        if cached is None:
+            cached = self._head(self._records[index], None)
+            for value in cached.values():
+                if isinstance(value, np.ndarray):
+                    value.flags.writeable = False
+            self._cache[index] = cached
+        return cached
+
+
 def _records(dataset: str, split: str, data_dir: str | None) -> _Records:
     builder = _builder(dataset, data_dir)
     splits = sorted(builder.info.splits.keys())
@@ -262,6 +322,21 @@ def _ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def _exit_with_parent(worker_index: int, worker_count: int, *, parent: int) -> None:
+    """grain worker init: a daemon thread ends this worker within a second of `parent`, the
+    process that started it, ending. A trainer killed by SIGKILL or the OOM killer cannot stop
+    its workers, which would otherwise keep running (and holding memory) as orphans. (Linux's
+    PR_SET_PDEATHSIG would fire when the starting *thread* ends, which grain's may.)"""
+    del worker_index, worker_count
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)  # pylint: disable=protected-access  (no cleanup left to do for an orphan)
+
+    threading.Thread(target=watch, name="exit_with_parent", daemon=True).start()
+
+
 def _iterate(ds: grain.MapDataset, worker_count: int, read_threads: int) -> grain.DatasetIterator:
     """Iterator over batches: `read_threads` batches in flight per process, in order."""
     if worker_count < 0 or read_threads < 0:
@@ -271,14 +346,17 @@ def _iterate(ds: grain.MapDataset, worker_count: int, read_threads: int) -> grai
                                                    prefetch_buffer_size=max(read_threads, 1)))
     if worker_count:
         _ensure_absl_flags_parsed()
-        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count),
+                                      worker_init_fn=functools.partial(_exit_with_parent,
+                                                                       parent=os.getpid()))
     return iter(iter_ds)
 
 
 def train_iterator(*, dataset: str, split: str, pp: str, global_batch_size: int, seed: int,
                    data_dir: str | None = None, worker_count: int = 0,
                    process_index: int | None = None, process_count: int | None = None,
-                   read_threads: int = 2, start_step: int = 0) -> grain.DatasetIterator:
+                   read_threads: int = 2, start_step: int = 0,
+                   cache: bool = False) -> grain.DatasetIterator:
     """Infinite iterator of this process's batches (dicts of numpy arrays, leading dim
     global_batch_size // process_count), from global batch `start_step` on.
 
@@ -292,6 +370,11 @@ def train_iterator(*, dataset: str, split: str, pp: str, global_batch_size: int,
     Global batch t is elements [tB, (t+1)B) of the global stream whatever the process count,
     so `start_step=t` continues a run's stream after t steps on any number of processes (the
     iterator's saved state is per process; this is how a run resumes on another count).
+
+    cache=True keeps each record in memory after its first read, with the pp's leading
+    deterministic ops (e.g. `decode`, `resize`) already applied; the batches are exactly those
+    of cache=False. For datasets that fit in RAM (each worker process holds its own copy); a
+    ValueError says so before training when the estimate exceeds `CACHE_MEMORY_SHARE` of it.
     """
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
@@ -303,9 +386,14 @@ def train_iterator(*, dataset: str, split: str, pp: str, global_batch_size: int,
     if len(records) < global_batch_size:
         raise ValueError(f"split {split!r} of {dataset!r} has {len(records)} examples, fewer than "
                          f"one global batch of {global_batch_size}")
+    parsed = preprocess_lib.parse(pp)
+    if cache:
+        head, parsed = parsed.split_deterministic()
+        records = _CachedRecords(records, head, copies=max(worker_count, 1),
+                                 where=f"split {split!r} of {dataset!r}")
     shuffle_seed = int(_rng(seed, 0, 0).integers(2**32))
     ds = grain.MapDataset.source(records).shuffle(seed=shuffle_seed).repeat()
-    ds = ds.map_with_index(_TrainExample(preprocess_lib.parse(pp), seed))
+    ds = ds.map_with_index(_TrainExample(parsed, seed))
     if start_step:
         ds = ds[start_step * global_batch_size:]
     ds = ds[process_index::process_count].batch(local_batch_size, drop_remainder=True)

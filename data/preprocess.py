@@ -28,6 +28,9 @@ Example = dict[str, Any]
 Op = Callable[[Example, np.random.Generator], Example]
 
 _OPS: dict[str, Callable[..., Op]] = {}
+# Ops whose output is a function of the example alone (they never draw from rng): a pipeline
+# may compute a spec's leading run of them once per record and cache it (`input.cache`).
+_DETERMINISTIC: set[str] = set()
 
 _RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
@@ -38,13 +41,20 @@ _RESAMPLING = {
 }
 
 
-def register(name: str) -> Callable[[Callable[..., Op]], Callable[..., Op]]:
-    """Decorator registering an op factory under `name` (the name used in spec strings)."""
+def register(name: str, *, deterministic: bool = False
+             ) -> Callable[[Callable[..., Op]], Callable[..., Op]]:
+    """Decorator registering an op factory under `name` (the name used in spec strings).
+
+    deterministic=True declares that the op never uses its generator (it is called with
+    rng=None when its output is cached), so its output may be computed once per record.
+    """
 
     def decorate(factory: Callable[..., Op]) -> Callable[..., Op]:
         if name in _OPS:
             raise ValueError(f"pp op {name!r} is already registered ({_OPS[name]})")
         _OPS[name] = factory
+        if deterministic:
+            _DETERMINISTIC.add(name)
         return factory
 
     return decorate
@@ -61,6 +71,9 @@ class Preprocess:
 
     spec: str
     ops: tuple[tuple[str, Op], ...]  # (the op's text in the spec, the op)
+    # How many leading ops are registered deterministic (their output depends on the example
+    # only); `split_deterministic` separates them.
+    deterministic_prefix: int = 0
 
     def __call__(self, example: Example, rng: np.random.Generator) -> Example:
         for text, op in self.ops:
@@ -70,6 +83,17 @@ class Preprocess:
                 raise ValueError(f"pp op {text!r} of {self.spec!r} failed: "
                                  f"{type(e).__name__}: {e}") from e
         return example
+
+    def split_deterministic(self) -> tuple[Preprocess, Preprocess]:
+        """(leading deterministic ops, the rest) as two Preprocess that compose to this one.
+
+        The first never draws from its generator, so the second draws exactly what the whole
+        spec would: caching the first's output changes no example.
+        """
+        n = self.deterministic_prefix
+        head = "|".join(text for text, _ in self.ops[:n])
+        tail = "|".join(text for text, _ in self.ops[n:])
+        return (Preprocess(head, self.ops[:n], n), Preprocess(tail, self.ops[n:], 0))
 
 
 _ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
@@ -103,14 +127,14 @@ def parse(spec: str) -> Preprocess:
     non-literal or wrong arguments.
     """
     if not spec.strip():
-        return Preprocess(spec, ())
+        return Preprocess(spec, (), 0)
     known = f"known ops: {', '.join(known_ops())}"
     try:
         tree = ast.parse(spec.strip(), mode="eval").body
     except SyntaxError as e:
         raise ValueError(f"cannot parse pp spec {spec!r} ({e.msg}); expected "
                          f"'op|op(arg, key=value)|...'; {known}") from e
-    ops = []
+    ops, names = [], []
     for node in _flatten_pipes(tree):
         text = ast.get_source_segment(spec.strip(), node)
         if isinstance(node, ast.Name):
@@ -139,7 +163,9 @@ def parse(spec: str) -> Preprocess:
             raise ValueError(f"bad arguments for pp op {text!r} in {spec!r}: {e}; "
                              f"expected {name}{signature}") from e
         ops.append((text, op))
-    return Preprocess(spec, tuple(ops))
+        names.append(name)
+    prefix = next((i for i, name in enumerate(names) if name not in _DETERMINISTIC), len(names))
+    return Preprocess(spec, tuple(ops), prefix)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,16 +218,11 @@ def _pil_resize(image: np.ndarray, height: int, width: int, resample) -> np.ndar
     return resized.reshape(height, width, image.shape[-1])
 
 
-def _luma(image: np.ndarray) -> np.ndarray:
-    """ITU-R 601-2 luma (PIL's 'L' conversion) of an HxWx3 float image, HxWx1."""
-    return image @ np.array([0.299, 0.587, 0.114], np.float32)[:, None]
-
-
 # ---------------------------------------------------------------------------------------------
 # Decoding and geometry
 
 
-@register("decode")
+@register("decode", deterministic=True)
 def decode(channels: int = 3, key: str = "image") -> Op:
     """Encoded image bytes (PNG, JPEG, ...) -> HxWxchannels uint8; 3 = RGB, 1 = greyscale."""
     if channels not in (1, 3):
@@ -217,7 +238,7 @@ def decode(channels: int = 3, key: str = "image") -> Op:
     return op
 
 
-@register("resize")
+@register("resize", deterministic=True)
 def resize(size, key: str = "image", method: str = "bilinear") -> Op:
     """Resizes to `size` (int: square, or (height, width)), ignoring the aspect ratio."""
     height, width = size2(size)
@@ -231,7 +252,7 @@ def resize(size, key: str = "image", method: str = "bilinear") -> Op:
     return op
 
 
-@register("resize_small")
+@register("resize_small", deterministic=True)
 def resize_small(size: int, key: str = "image", method: str = "bilinear") -> Op:
     """Resizes so the shorter side is `size`, keeping the aspect ratio (e.g. 256 before a crop)."""
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
@@ -256,7 +277,7 @@ def _crop(image: np.ndarray, top: int, left: int, height: int, width: int, op: s
     return image[top:top + height, left:left + width]
 
 
-@register("center_crop")
+@register("center_crop", deterministic=True)
 def center_crop(size, key: str = "image") -> Op:
     """Crops the central `size` (int: square, or (height, width))."""
     height, width = size2(size)
@@ -354,81 +375,85 @@ def flip_lr(p: float = 0.5, key: str = "image") -> Op:
 # et al. 2021). Each is applied with probability p, drawing from rng only.
 
 
-def _rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
-    """[0, 1] RGB -> HSV with hue in [0, 1) (colorsys' formulas, vectorised)."""
-    maxc, minc = rgb.max(-1), rgb.min(-1)
-    delta = maxc - minc
-    safe = np.where(delta > 0, delta, 1.0)
-    r, g, b = np.moveaxis(rgb, -1, 0)
-    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
-    hue = np.where(r == maxc, bc - gc, np.where(g == maxc, 2.0 + rc - bc, 4.0 + gc - rc))
-    hue = np.where(delta > 0, (hue / 6.0) % 1.0, 0.0)
-    saturation = np.where(maxc > 0, delta / np.where(maxc > 0, maxc, 1.0), 0.0)
-    return np.stack([hue, saturation, maxc], -1)
+def _jitter_range(value, name: str, centre: float, low: float, high: float
+                  ) -> tuple[float, float] | None:
+    """torchvision ColorJitter's argument: x >= 0 -> [max(low, centre - x), centre + x], or an
+    explicit (min, max) within [low, high]; None when the range is the single point `centre`
+    (the adjustment is skipped, as torchvision does)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0 or a (min, max) pair, got {value!r}")
+        value = (max(low, centre - value), centre + value)
+    bounds = range2(value, name)
+    if not low <= bounds[0] <= bounds[1] <= high:
+        raise ValueError(f"{name} range {bounds} must lie within [{low}, {high}]")
+    return None if bounds == (centre, centre) else bounds
 
 
-def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-    h, s, v = np.moveaxis(hsv, -1, 0)
-    sector = np.floor(h * 6.0)
-    f = h * 6.0 - sector
-    p, q, t = v * (1.0 - s), v * (1.0 - s * f), v * (1.0 - s * (1.0 - f))
-    sector = sector.astype(np.int64) % 6
-    r = np.choose(sector, [v, q, p, p, t, v])
-    g = np.choose(sector, [t, v, v, q, p, p])
-    b = np.choose(sector, [p, p, t, v, v, q])
-    return np.stack([r, g, b], -1)
+def _shift_hue(image: Image.Image, shift: float) -> Image.Image:
+    """Rotates hue by `shift` (a fraction of the colour wheel) in PIL's 8-bit HSV, whose hue
+    channel has 256 steps per turn; saturation and value are kept."""
+    hsv = np.array(image.convert("HSV"))
+    hsv[..., 0] += np.uint8(round(shift * 256) % 256)  # uint8 wraps around the wheel
+    return Image.fromarray(hsv, "HSV").convert("RGB")
+
+
+def _blend_with_mean_grey(image: Image.Image, factor: float) -> Image.Image:
+    """Pillow's ImageEnhance.Contrast: blends with the image's mean "L" level, rounded."""
+    mean = int(np.asarray(image.convert("L")).mean() + 0.5)
+    return Image.blend(Image.new("RGB", image.size, (mean,) * 3), image, factor)
+
+
+# ColorJitter's adjustments in torchvision's order (brightness, contrast, saturation, hue), as
+# its PIL path (Pillow's ImageEnhance) computes them: blends with black, with the mean grey
+# level, with the greyscale image (factor 0 gives the blended-with image, 1 the input), then
+# the hue rotation.
+_ADJUSTMENTS = (
+    lambda image, factor: Image.blend(Image.new("RGB", image.size), image, factor),
+    _blend_with_mean_grey,
+    lambda image, factor: Image.blend(image.convert("L").convert("RGB"), image, factor),
+    _shift_hue,
+)
 
 
 @register("color_jitter")
-def color_jitter(brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.2,
-                 hue: float = 0.1, p: float = 0.8, key: str = "image") -> Op:
-    """torchvision ColorJitter (factors in random order), applied with probability p.
+def color_jitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p: float = 0.8,
+                 key: str = "image") -> Op:
+    """torchvision ColorJitter on a PIL image (factors in random order), with probability p.
 
     Brightness, contrast and saturation factors ~ U[max(0, 1 - x), 1 + x], hue shift ~ U[-hue,
-    hue] (fraction of the colour wheel). Defaults (0.4, 0.4, 0.2, 0.1, p=0.8) are BYOL's
-    (Grill et al. 2020, App. B), which DINO (Caron et al. 2021) uses; SimCLR (Chen et al. 2020,
-    App. A) uses strength s=1: (0.8, 0.8, 0.8, 0.2), p=0.8.
+    hue] (fraction of the colour wheel, at most 0.5); each may also be a (min, max) pair, and a
+    range that is the identity (x = 0) is skipped. Each adjustment works on the uint8 image as
+    torchvision does for the PIL images of the DINO/BYOL pipelines (Pillow's ImageEnhance
+    blends, hue in 8-bit HSV). Defaults (0.4, 0.4, 0.2, 0.1, p=0.8) are BYOL's (Grill et al.
+    2020, App. B), which DINO (Caron et al. 2021) uses; SimCLR (Chen et al. 2020, App. A) uses
+    strength s=1: (0.8, 0.8, 0.8, 0.2), p=0.8.
     """
-    for name, value in (("brightness", brightness), ("contrast", contrast),
-                        ("saturation", saturation)):
-        if not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    if not isinstance(hue, (int, float)) or not 0 <= hue <= 0.5:
-        raise ValueError(f"hue must be in [0, 0.5], got {hue!r}")
+    inf = float("inf")
+    ranges = (_jitter_range(brightness, "brightness", 1.0, 0.0, inf),
+              _jitter_range(contrast, "contrast", 1.0, 0.0, inf),
+              _jitter_range(saturation, "saturation", 1.0, 0.0, inf),
+              _jitter_range(hue, "hue", 0.0, -0.5, 0.5))
     p = probability(p)
-
-    def adjust(image: np.ndarray, which: int, rng) -> np.ndarray:
-        if which == 0:  # brightness: blend with black
-            return image * rng.uniform(max(0.0, 1 - brightness), 1 + brightness)
-        if which == 1:  # contrast: blend with the mean grey level
-            factor = rng.uniform(max(0.0, 1 - contrast), 1 + contrast)
-            mean = _luma(image).mean()
-            return (image - mean) * factor + mean
-        if which == 2:  # saturation: blend with the greyscale image
-            factor = rng.uniform(max(0.0, 1 - saturation), 1 + saturation)
-            grey = _luma(image)
-            return (image - grey) * factor + grey
-        shift = rng.uniform(-hue, hue)
-        hsv = _rgb_to_hsv(image / 255.0)
-        hsv[..., 0] = (hsv[..., 0] + shift) % 1.0
-        return _hsv_to_rgb(hsv) * 255.0
 
     def op(example, rng):
         if rng.random() >= p:
             return example
-        image = uint8_image(example[key], "color_jitter").astype(np.float32)
+        image = uint8_image(example[key], "color_jitter")
         if image.shape[-1] != 3:
             raise ValueError(f"color_jitter needs 3 channels, got {image.shape[-1]}")
+        pil = Image.fromarray(image)
         for which in rng.permutation(4):
-            image = np.clip(adjust(image, int(which), rng), 0.0, 255.0)
-        return {**example, key: np.rint(image).astype(np.uint8)}
+            if ranges[which] is not None:
+                pil = _ADJUSTMENTS[which](pil, rng.uniform(*ranges[which]))
+        return {**example, key: np.asarray(pil)}
 
     return op
 
 
 @register("grayscale")
 def grayscale(p: float = 0.2, key: str = "image") -> Op:
-    """With probability p, replaces RGB by its ITU-R 601-2 luma in all 3 channels.
+    """With probability p, replaces RGB by its ITU-R 601-2 luma (PIL's "L") in all 3 channels.
 
     p=0.2 as in SimCLR, BYOL and DINO.
     """
@@ -440,7 +465,7 @@ def grayscale(p: float = 0.2, key: str = "image") -> Op:
         image = uint8_image(example[key], "grayscale")
         if image.shape[-1] == 1:
             return example
-        grey = np.rint(_luma(image.astype(np.float32))).astype(np.uint8)
+        grey = np.asarray(Image.fromarray(image).convert("L"))[..., None]
         return {**example, key: np.repeat(grey, image.shape[-1], axis=-1)}
 
     return op
@@ -493,7 +518,7 @@ def solarize(p: float = 0.2, threshold: int = 128, key: str = "image") -> Op:
 # Value ranges and labels
 
 
-@register("value_range")
+@register("value_range", deterministic=True)
 def value_range(vmin: float = -1.0, vmax: float = 1.0, in_min: float = 0.0,
                 in_max: float = 255.0, key: str = "image") -> Op:
     """Maps [in_min, in_max] linearly to [vmin, vmax] as float32 (0 -> vmin, 255 -> vmax)."""
@@ -509,7 +534,7 @@ def value_range(vmin: float = -1.0, vmax: float = 1.0, in_min: float = 0.0,
     return op
 
 
-@register("normalize")
+@register("normalize", deterministic=True)
 def normalize(mean, std, key: str = "image") -> Op:
     """(x - mean) / std per channel as float32, e.g. after value_range(0, 1) the ImageNet
     statistics mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)."""
@@ -525,7 +550,7 @@ def normalize(mean, std, key: str = "image") -> Op:
     return op
 
 
-@register("onehot")
+@register("onehot", deterministic=True)
 def onehot(num_classes: int, key: str = "label", key_result: str = "labels", on: float = 1.0,
            off: float = 0.0) -> Op:
     """Integer label(s) in `key` -> float32 vector of num_classes in `key_result` (multi-hot
@@ -549,7 +574,7 @@ def onehot(num_classes: int, key: str = "label", key_result: str = "labels", on:
 # Keys
 
 
-@register("keep")
+@register("keep", deterministic=True)
 def keep(*keys: str) -> Op:
     """Keeps only `keys` (e.g. drops variable-length fields that cannot be batched)."""
     if not keys:
@@ -565,7 +590,7 @@ def keep(*keys: str) -> Op:
     return op
 
 
-@register("rename")
+@register("rename", deterministic=True)
 def rename(old: str, new: str) -> Op:
     """Moves the value of key `old` to key `new`."""
 
@@ -578,7 +603,7 @@ def rename(old: str, new: str) -> Op:
     return op
 
 
-@register("copy")
+@register("copy", deterministic=True)
 def copy(src: str, dst: str) -> Op:
     """Copies the value of key `src` to key `dst` (e.g. a second view to augment)."""
 
@@ -593,7 +618,7 @@ def copy(src: str, dst: str) -> Op:
 # Text
 
 
-@register("tokenize")
+@register("tokenize", deterministic=True)
 def tokenize(tokenizer: str, length: int, key: str = "caption", out: str = "text") -> Op:
     """Text in `key` -> int32 token ids (length,) in `out` with the tokenizer of spec
     `tokenizer` ('clip_bpe:FILE', 'sentencepiece:FILE' or 'bytes'; see data/tokenizers.py).

@@ -103,7 +103,7 @@ def mel_filterbank(sample_rate: float, n_fft: int, num_mels: int, fmin: float,
     return np.maximum(0.0, np.minimum(rising, falling))
 
 
-@pp.register("log_mel_spectrogram")
+@pp.register("log_mel_spectrogram", deterministic=True)
 def log_mel_spectrogram(sample_rate: int = 16000, frame_length: int = 400,
                         hop_length: int = 160, num_mels: int = 64, fmin: float = 0.0,
                         fmax: float | None = None, key: str = "audio",

@@ -1,7 +1,10 @@
 """Train/eval iterators: determinism, epochs, process sharding, checkpointing, eval padding."""
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import time
 
 import grain
 import numpy as np
@@ -128,6 +131,72 @@ def test_worker_processes_give_the_same_batches_and_resume(train):
         _assert_same(_take(iterator, 3), expected[3:])
     finally:
         iterator.close()
+
+
+def test_cache_gives_the_same_batches_over_epochs_and_checks_memory(train, monkeypatch):
+    # 20 batches are more than one epoch (15), so the second epoch is served from the cache,
+    # with `decode` already applied and the random ops drawing the same numbers.
+    _assert_same(_take(train(cache=True), 20), _take(train(), 20))
+    # A pp starting with a random op caches the records as read.
+    raw = "text_window(8, key='caption')|" + TRAIN_PP
+    _assert_same(_take(train(pp=raw, cache=True), 16), _take(train(pp=raw), 16))
+    monkeypatch.setattr(pipeline, "physical_memory", lambda: 2**20)  # 1 MiB: too little
+    with pytest.raises(ValueError, match=r"input.cache=True would hold .* after 'decode'"):
+        train(cache=True)
+
+
+_TRAINER = """
+import sys
+from vistax.data import pipeline
+if __name__ == "__main__":
+    it = pipeline.train_iterator(dataset=sys.argv[1], split="train", pp="keep('id')",
+                                 global_batch_size=16, seed=0, process_index=0, process_count=1,
+                                 worker_count=2)
+    next(it)
+    print("ready", flush=True)
+    sys.stdin.read()
+"""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(child) for child in f.read().split()]
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether pid exists and is not a zombie (an orphan's zombie waits for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_worker_processes_exit_with_a_killed_trainer(shapes_dir, tmp_path):
+    script = tmp_path / "trainer.py"
+    script.write_text(_TRAINER)
+    proc = subprocess.Popen([sys.executable, str(script), shapes_dir], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        workers = []
+        for pid in _children(proc.pid):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():  # not multiprocessing's resource tracker
+                    workers.append(pid)
+        assert len(workers) == 2 and all(_running(pid) for pid in workers)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_running(pid) for pid in workers)
+    finally:
+        proc.kill()
 
 
 def test_eval_pads_and_masks_so_each_example_appears_once(shapes_dir, shapes_sizes):

@@ -104,13 +104,49 @@ def test_color_jitter_and_blur(image):
     jittered = _run("color_jitter(p=1.0)", ex)["image"]
     assert jittered.dtype == np.uint8 and jittered.shape == image.shape
     assert not np.array_equal(jittered, image)
-    # Hue 0 and factors of exactly 1 leave the image unchanged (up to HSV round trips).
-    same = _run("color_jitter(0, 0, 0, 0, p=1.0)", ex)["image"]
-    assert np.abs(same.astype(int) - image).max() <= 1
+    # Hue 0 and factors of exactly 1 are skipped: the image is unchanged.
+    np.testing.assert_array_equal(_run("color_jitter(0, 0, 0, 0, p=1.0)", ex)["image"], image)
     flat = np.full((20, 20, 3), 90, np.uint8)
     assert np.array_equal(_run("gaussian_blur(1.0)", {"image": flat})["image"], flat)
     blurred = _run("gaussian_blur(1.0, sigma=2.0)", ex)["image"]
     assert blurred.std() < image.std() * 0.7
+
+
+def test_color_jitter_adjustments_on_known_pixels(image):
+    pixels = np.array([[[255, 0, 0], [0, 128, 0], [10, 20, 200], [90, 90, 90]]], np.uint8)
+    ex = {"image": pixels}
+    luma = np.asarray(Image.fromarray(pixels).convert("L")).astype(int)  # 76, 75, 38, 90
+    # Brightness blends with black: factor 0.5 halves every value (up to rounding).
+    half = _run("color_jitter((0.5, 0.5), 0, 0, 0, p=1.0)", ex)["image"]
+    assert np.abs(half.astype(int) - pixels / 2).max() <= 1
+    # Contrast 0 is the mean grey level everywhere; saturation 0 is the greyscale image.
+    flat = _run("color_jitter(0, (0, 0), 0, 0, p=1.0)", ex)["image"]
+    np.testing.assert_array_equal(flat, np.full_like(pixels, round(luma.mean())))
+    grey = _run("color_jitter(0, 0, (0, 0), 0, p=1.0)", ex)["image"]
+    np.testing.assert_array_equal(grey, np.repeat(luma[..., None], 3, -1))
+    # Half a turn of hue takes red to cyan and keeps a grey pixel grey (8-bit HSV: within 4).
+    turned = _run("color_jitter(0, 0, 0, (0.5, 0.5), p=1.0)", ex)["image"].astype(int)
+    assert np.abs(turned[0, 0] - [0, 255, 255]).max() <= 4
+    np.testing.assert_array_equal(turned[0, 3], [90, 90, 90])
+    # A quarter turn and back lands within the 8-bit HSV quantisation of the start.
+    there = _run("color_jitter(0, 0, 0, (0.25, 0.25), p=1.0)", {"image": image})["image"]
+    back = _run("color_jitter(0, 0, 0, (-0.25, -0.25), p=1.0)", {"image": there})["image"]
+    assert np.abs(back.astype(int) - image).mean() < 2
+    for spec, match in (("color_jitter(brightness=-0.1)", "brightness must be >= 0"),
+                        ("color_jitter(hue=0.6)", r"hue range \(-0.5, 0.6\) must lie within"),
+                        ("color_jitter(contrast=(1.5, 1.2))", "contrast")):
+        with pytest.raises(ValueError, match=match):
+            preprocess.parse(spec)
+
+
+def test_leading_deterministic_ops_split_off():
+    parsed = preprocess.parse("decode|resize(8)|flip_lr|value_range(0, 1)|keep('image')")
+    head, tail = parsed.split_deterministic()
+    assert head.spec == "decode|resize(8)"
+    assert tail.spec == "flip_lr|value_range(0, 1)|keep('image')"
+    assert preprocess.parse("flip_lr|decode").split_deterministic()[0].ops == ()
+    whole = preprocess.parse("decode|value_range(0, 1)")
+    assert whole.split_deterministic()[0].spec == whole.spec
 
 
 def test_random_ops_use_only_the_given_generator(image):
