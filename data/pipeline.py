@@ -380,6 +380,8 @@ def train_iterator(*, dataset: str, split: str, pp: str, global_batch_size: int,
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
+    if not isinstance(cache, bool):
+        raise ValueError(f"input.cache must be True or False, got {cache!r}")
     process_index, process_count = _process(process_index, process_count)
     local_batch_size = _local_batch_size(global_batch_size, process_count)
     records = _records(dataset, split, data_dir)

@@ -140,6 +140,8 @@ def test_cache_gives_the_same_batches_over_epochs_and_checks_memory(train, monke
     # A pp starting with a random op caches the records as read.
     raw = "text_window(8, key='caption')|" + TRAIN_PP
     _assert_same(_take(train(pp=raw, cache=True), 16), _take(train(pp=raw), 16))
+    with pytest.raises(ValueError, match="input.cache must be True or False, got 'yes'"):
+        train(cache="yes")
     monkeypatch.setattr(pipeline, "physical_memory", lambda: 2**20)  # 1 MiB: too little
     with pytest.raises(ValueError, match=r"input.cache=True would hold .* after 'decode'"):
         train(cache=True)
