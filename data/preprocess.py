@@ -527,9 +527,11 @@ def value_range(vmin: float = -1.0, vmax: float = 1.0, in_min: float = 0.0,
 
     def op(example, rng):
         del rng
-        image = np.asarray(example[key], np.float32)
-        scaled = (image - in_min) * ((vmax - vmin) / (in_max - in_min)) + vmin
-        return {**example, key: scaled.astype(np.float32)}
+        # The same float32 arithmetic as (x - in_min) * scale + vmin, in one new array.
+        scaled = np.subtract(example[key], np.float32(in_min), dtype=np.float32)
+        scaled *= np.float32((vmax - vmin) / (in_max - in_min))
+        scaled += np.float32(vmin)
+        return {**example, key: scaled}
 
     return op
 
@@ -545,7 +547,9 @@ def normalize(mean, std, key: str = "image") -> Op:
 
     def op(example, rng):
         del rng
-        return {**example, key: (np.asarray(example[key], np.float32) - mean) / std}
+        normalized = np.subtract(example[key], mean, dtype=np.float32)  # a new array
+        normalized /= std
+        return {**example, key: normalized}
 
     return op
 
