@@ -3,10 +3,11 @@ size and worker count, as `vistax train` builds it, timed without a train step r
 
 The rate is examples over the wall time of `batches` consecutive batches after the warm-up and
 after taking the batches grain may already hold ready (`ready_batches`: prepared during the
-warm-up, counted they would overstate the rate); per-batch times are summarised beside it. With `input.cache` the warm-up lasts at least one epoch, so the rate is that of every
-epoch after the first (which reads and decodes as without the cache). In training the
-pipeline shares the CPU with the step, so the rate measured alone is an upper bound of what
-the step sees; the goal is a rate at least 3x the step's consumption.
+warm-up, counted they would overstate the rate); per-batch times are summarised beside it.
+With `input.cache` the warm-up lasts at least one epoch, so the rate is that of every epoch
+after the first (which reads and decodes as without the cache). In training the pipeline
+shares the CPU with the step, so the rate measured alone is an upper bound of what the step
+sees; the goal is a rate at least 3x the step's consumption.
 """
 
 from __future__ import annotations
