@@ -19,17 +19,16 @@ from vistax.benchmarks import timing
 from vistax.data import pipeline
 
 GOAL_RATIO = 3.0
-READ_THREADS = 2  # train_iterator's default, as `vistax train` uses it
-# Fewest batches timed: grain's threads finish batches in bursts of READ_THREADS, and worker
-# processes in bursts of their count, so a rate over a few batches says little.
+# Fewest batches timed: grain's threads finish batches in bursts of `input.read_threads`, and
+# worker processes in bursts of their count, so a rate over a few batches says little.
 MIN_BATCHES = 24
 
 
-def ready_batches(worker_count: int) -> int:
-    """Most batches grain can hold ready while the consumer waits: READ_THREADS in the read
-    buffer of each process that reads (the trainer, or each worker) and one more in its hand
-    or queue."""
-    return (READ_THREADS + 1) * max(worker_count, 1)
+def ready_batches(worker_count: int, read_threads: int) -> int:
+    """Most batches grain can hold ready while the consumer waits: `read_threads` (at least
+    one) in the read buffer of each process that reads (the trainer, or each worker) and one
+    more in its hand or queue."""
+    return (max(read_threads, 1) + 1) * max(worker_count, 1)
 
 
 def iterator(config):
@@ -37,7 +36,7 @@ def iterator(config):
     return pipeline.train_iterator(dataset=inp.dataset, split=inp.split, pp=inp.pp,
                                    global_batch_size=inp.batch_size, seed=config.seed,
                                    data_dir=inp.data_dir, worker_count=inp.worker_count,
-                                   read_threads=READ_THREADS, cache=inp.cache)
+                                   read_threads=inp.read_threads, cache=inp.cache)
 
 
 def run(config, *, batches: int, warmup: int, clock=time.perf_counter) -> tuple[dict, dict]:
@@ -58,7 +57,7 @@ def run(config, *, batches: int, warmup: int, clock=time.perf_counter) -> tuple[
             next(it)
         # Taking the batches grain may hold ready untimed starts the clock with its buffers
         # empty, so the rate is the rate batches are made at.
-        for _ in range(ready_batches(inp.worker_count)):
+        for _ in range(ready_batches(inp.worker_count, inp.read_threads)):
             next(it)
         seconds = []
         begin = clock()
@@ -71,8 +70,8 @@ def run(config, *, batches: int, warmup: int, clock=time.perf_counter) -> tuple[
         it.close()
     result = {
         "dataset": inp.dataset, "split": inp.split, "pp": inp.pp, "batch_size": inp.batch_size,
-        "worker_count": inp.worker_count, "cache": inp.cache, "warmup_batches": warmup,
-        "batches": batches, "first_batch_s": first_s,
+        "worker_count": inp.worker_count, "read_threads": inp.read_threads, "cache": inp.cache,
+        "warmup_batches": warmup, "batches": batches, "first_batch_s": first_s,
         "examples_per_s": batches * inp.batch_size / max(elapsed, 1e-12),
         "batch_s": timing.summarize(seconds),
     }

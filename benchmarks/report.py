@@ -191,12 +191,13 @@ def format_report(report: dict) -> str:
                   f"{c['jax']['examples_per_s']:.1f}",
                   _num(c["pipeline"].get("ratio_to_step"), ".1f"),
                   str(c["pipeline"]["worker_count"]),
+                  str(c["pipeline"].get("read_threads", "")),
                   "yes" if c["pipeline"].get("cache") else "no"]
                  for c in report["cases"] if c.get("pipeline")]
         if prows:
             lines += ["input pipeline alone (train_iterator, the case's pp):"]
             lines += _table(["case", "pipeline ex/s", "step ex/s", "pipeline/step", "workers",
-                             "cache"], prows, {1, 2, 3, 4}) + [""]
+                             "threads", "cache"], prows, {1, 2, 3, 4, 5}) + [""]
     ck = report.get("checkpoint")
     if ck:
         lines.append(

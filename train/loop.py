@@ -70,7 +70,7 @@ def _train_data(config, start_step: int = 0):
     return pipeline.train_iterator(
         dataset=inp.dataset, split=inp.split, pp=inp.pp, global_batch_size=inp.batch_size,
         seed=config.seed, data_dir=inp.data_dir, worker_count=inp.worker_count,
-        start_step=start_step, cache=inp.cache)
+        read_threads=inp.read_threads, start_step=start_step, cache=inp.cache)
 
 
 def _check_same_batch_size(config, reader: Checkpointer, step: int) -> None:

@@ -53,6 +53,10 @@ def test_same_seed_same_batches_other_seed_other_batches(train):
     _assert_same(_take(train(), 3), _take(train(), 3))
     other = _take(train(seed=1), 3)
     assert not np.array_equal(other[0]["id"], _take(train(), 1)[0]["id"])
+    # input.read_threads changes how many batches are made at once, not which (0: in the
+    # consumer's thread).
+    _assert_same(_take(train(read_threads=0), 3), _take(train(read_threads=3), 3))
+    _assert_same(_take(train(read_threads=1), 3), _take(train(), 3))
 
 
 def test_every_example_once_per_epoch_in_a_new_order(train, shapes_sizes):
@@ -248,6 +252,8 @@ def test_errors_name_the_offending_values(train, data_dir, digits_dir):
         pipeline.dataset_info("imagenet2012")
     with pytest.raises(ValueError, match="no dataset_info.json.*below it.*digits"):
         pipeline.dataset_info(data_dir)
+    with pytest.raises(ValueError, match="read_threads=-1 must be >= 0"):
+        train(read_threads=-1)
     with pytest.raises(ValueError, match="unknown pp op 'flip'"):
         train(pp="decode|flip")
     with pytest.raises(ValueError, match="'objects' is a dict, which cannot be batched"):
