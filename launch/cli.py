@@ -467,7 +467,9 @@ def _default_platforms(command: str) -> None:
 # no-op elsewhere). XLA's CPU runtime allocates each step's buffers afresh: with 4 KiB pages
 # the kernel zeroes ~2 GB of new pages per ViT-S/16 step, 484k page faults and 1.1 s of system
 # time; with huge pages, 1.2k faults and 0.2 s, and the step is 11% faster (PyTorch, whose
-# eager ops allocate the same way, gains too).
+# eager ops allocate the same way, gains too). glibc still maps and zeroes the step's temporary
+# block afresh each step; jemalloc told to keep freed pages does not (README, Benchmarks), but no
+# pip package ships it and PyTorch gains as much, so nothing is preloaded here.
 MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
