@@ -38,6 +38,22 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
     return ocp.PyTreeCheckpointHandler(type_handler_registry=types)
 
 
+def _leaf_shapes(tree) -> dict[str, tuple | None]:
+    """'params/encoder/kernel'-style path -> shape of every leaf (dict keys, attribute names
+    and indices joined by '/'), for saved metadata and abstract states alike."""
+    def name(key) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    shapes = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        shape = getattr(leaf, "shape", None)
+        shapes["/".join(name(key) for key in path)] = None if shape is None else tuple(shape)
+    return shapes
+
+
 class Checkpointer:
     """A CheckpointManager over `<workdir>/checkpoints` with the items above."""
 
@@ -95,14 +111,44 @@ class Checkpointer:
         `partial=True` reads only the top-level entries `abstract_state` names (evaluation
         needs no optimizer state).
         """
+        refusal = (f"Checkpoint {self.directory}/{step} does not fit this config's model or "
+                   "optimizer (was the config changed?): ")
+        # Compared before reading: a restore Orbax refuses midway leaves reads pending.
+        difference = self._difference(step, abstract_state, partial=partial)
+        if difference:
+            raise ValueError(refusal + difference)
         state_args = ocp.args.PyTreeRestore(
             abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
             partial_restore=partial)
         try:
             return self.manager.restore(step, args=ocp.args.Composite(state=state_args))["state"]
         except (ValueError, KeyError) as e:
-            raise ValueError(f"Checkpoint {self.directory}/{step} does not fit this config's model "
-                             f"or optimizer (was the config changed?): {e}") from e
+            raise ValueError(refusal + str(e)) from e
+
+    def _difference(self, step: int, abstract_state: dict, *, partial: bool) -> str | None:
+        """The arrays `step`'s saved state lacks, has in excess or has in other shapes than
+        `abstract_state` (the first few, and how many), from its metadata; None if none differ
+        or the metadata cannot be read (Orbax's restore then decides)."""
+        try:
+            saved = _leaf_shapes(self.manager.item_metadata(step)["state"].tree)
+        except Exception:  # pylint: disable=broad-except
+            return None
+        wanted = _leaf_shapes(abstract_state)
+        if partial:
+            names = {path.split("/")[0] for path in wanted}
+            saved = {path: shape for path, shape in saved.items() if path.split("/")[0] in names}
+        differences = [f"{path} is {saved[path]} in the checkpoint, {wanted[path]} in this config"
+                       for path in sorted(saved.keys() & wanted.keys(),
+                                          key=lambda path: (not path.startswith("params/"), path))
+                       if None not in (saved[path], wanted[path]) and saved[path] != wanted[path]]
+        differences += [f"{path} is not in the checkpoint"
+                        for path in sorted(wanted.keys() - saved.keys())]
+        differences += [f"{path} is not in this config"
+                        for path in sorted(saved.keys() - wanted.keys())]
+        if not differences:
+            return None
+        more = f" ({len(differences)} differences)" if len(differences) > 3 else ""
+        return "; ".join(differences[:3]) + more
 
     def restore_data(self, step: int, data_iterator) -> None:
         """Sets `data_iterator` to this process's saved position at `step`."""
