@@ -28,6 +28,7 @@ import tensorflow_datasets as tfds
 
 from vistax.data import builtins
 from vistax.data import preprocess as preprocess_lib
+from vistax.data import shuffle as shuffle_lib
 
 MASK_KEY = "_mask"
 
@@ -360,7 +361,8 @@ def train_iterator(*, dataset: str, split: str, pp: str, global_batch_size: int,
     """Infinite iterator of this process's batches (dicts of numpy arrays, leading dim
     global_batch_size // process_count), from global batch `start_step` on.
 
-    Every epoch is a new permutation of the split (grain's index shuffle, seeded per epoch);
+    Every epoch is a new permutation of the split (grain's index shuffle, seeded per epoch,
+    computed in blocks by `shuffle.EpochShuffle`);
     batches may straddle epochs. `it.get_state()` / `it.set_state(state)` resume the exact
     stream, also through `grain.checkpoint.CheckpointSave/CheckpointRestore` with Orbax.
     worker_count > 0 computes batches in that many grain worker processes (same batches);
@@ -394,7 +396,7 @@ def train_iterator(*, dataset: str, split: str, pp: str, global_batch_size: int,
         records = _CachedRecords(records, head, copies=max(worker_count, 1),
                                  where=f"split {split!r} of {dataset!r}")
     shuffle_seed = int(_rng(seed, 0, 0).integers(2**32))
-    ds = grain.MapDataset.source(records).shuffle(seed=shuffle_seed).repeat()
+    ds = shuffle_lib.EpochShuffle(grain.MapDataset.source(records), seed=shuffle_seed).repeat()
     ds = ds.map_with_index(_TrainExample(parsed, seed))
     if start_step:
         ds = ds[start_step * global_batch_size:]

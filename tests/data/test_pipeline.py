@@ -59,13 +59,18 @@ def test_same_seed_same_batches_other_seed_other_batches(train):
     _assert_same(_take(train(read_threads=1), 3), _take(train(), 3))
 
 
-def test_every_example_once_per_epoch_in_a_new_order(train, shapes_sizes):
+def test_every_example_once_per_epoch_in_a_new_order(train, shapes_sizes, shapes_dir):
     n = shapes_sizes["num_train"]
     ids = np.concatenate([b["id"] for b in _take(train(pp="keep('id')"), 3 * n // 16)])
     epochs = ids.reshape(3, n)
     for epoch in epochs:
         assert sorted(epoch) == list(range(n))
     assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+    # The order is grain's `shuffle` of the split (seeded by the run's seed), computed in blocks.
+    records = pipeline._records(shapes_dir, "train", None)  # pylint: disable=protected-access
+    seed = int(np.random.default_rng([0, 0, 0]).integers(2**32))
+    grains = grain.MapDataset.source(records).shuffle(seed=seed).repeat()
+    np.testing.assert_array_equal(ids, [grains[i]["id"] for i in range(3 * n)])
 
 
 def test_augmentation_differs_between_epochs(train, shapes_sizes):
