@@ -211,11 +211,29 @@ def uint8_image(image, op: str) -> np.ndarray:
     return image
 
 
+_PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def to_pil(image: np.ndarray) -> Image.Image:
+    """An HxWxC uint8 image (C = 1, 3 or 4) as a PIL image on the array's memory (a crop, not
+    contiguous, is copied once). `Image.fromarray` costs twice as much on small images."""
+    height, width, channels = image.shape
+    if channels not in _PIL_MODES:
+        raise ValueError(f"PIL-based ops take 1, 3 or 4 channels, got an image of shape "
+                         f"{image.shape}")
+    mode = _PIL_MODES[channels]
+    return Image.frombuffer(mode, (width, height), np.ascontiguousarray(image), "raw", mode, 0, 1)
+
+
+def from_pil(image: Image.Image) -> np.ndarray:
+    """A PIL image of 8-bit bands as an HxWxC uint8 array (read-only, as `np.asarray` gives)."""
+    bands = len(image.getbands())
+    return np.frombuffer(image.tobytes(), np.uint8).reshape(image.height, image.width, bands)
+
+
 def _pil_resize(image: np.ndarray, height: int, width: int, resample) -> np.ndarray:
     """Resizes an HxWxC uint8 image with PIL (antialiased when downscaling)."""
-    squeezed = image[..., 0] if image.shape[-1] == 1 else image
-    resized = np.asarray(Image.fromarray(squeezed).resize((width, height), resample))
-    return resized.reshape(height, width, image.shape[-1])
+    return from_pil(to_pil(image).resize((width, height), resample))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,11 +460,11 @@ def color_jitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p: float
         image = uint8_image(example[key], "color_jitter")
         if image.shape[-1] != 3:
             raise ValueError(f"color_jitter needs 3 channels, got {image.shape[-1]}")
-        pil = Image.fromarray(image)
+        pil = to_pil(image)
         for which in rng.permutation(4):
             if ranges[which] is not None:
                 pil = _ADJUSTMENTS[which](pil, rng.uniform(*ranges[which]))
-        return {**example, key: np.asarray(pil)}
+        return {**example, key: from_pil(pil)}
 
     return op
 
@@ -465,7 +483,7 @@ def grayscale(p: float = 0.2, key: str = "image") -> Op:
         image = uint8_image(example[key], "grayscale")
         if image.shape[-1] == 1:
             return example
-        grey = np.asarray(Image.fromarray(image).convert("L"))[..., None]
+        grey = from_pil(to_pil(image).convert("L"))
         return {**example, key: np.repeat(grey, image.shape[-1], axis=-1)}
 
     return op
@@ -488,9 +506,8 @@ def gaussian_blur(p: float, sigma=(0.1, 2.0), key: str = "image") -> Op:
             return example
         image = uint8_image(example[key], "gaussian_blur")
         radius = rng.uniform(*sigma)
-        squeezed = image[..., 0] if image.shape[-1] == 1 else image
-        blurred = Image.fromarray(squeezed).filter(ImageFilter.GaussianBlur(radius))
-        return {**example, key: np.asarray(blurred).reshape(image.shape)}
+        blurred = to_pil(image).filter(ImageFilter.GaussianBlur(radius))
+        return {**example, key: from_pil(blurred)}
 
     return op
 

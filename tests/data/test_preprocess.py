@@ -75,6 +75,26 @@ def test_flip_lr_mirrors_exactly(image):
     assert 150 < flips < 250
 
 
+def test_pil_round_trip_and_resize_match_fromarray(image):
+    """to_pil/from_pil read crops (not contiguous) and 1/3/4 channels as Image.fromarray and
+    np.asarray do, so PIL-based ops give the same pixels."""
+    for channels in (1, 3, 4):
+        full = np.random.default_rng(channels).integers(0, 256, (40, 60, channels), np.uint8)
+        crop = full[3:31, 5:50]
+        squeezed = crop[..., 0] if channels == 1 else crop
+        pil = preprocess.to_pil(crop)
+        assert pil.mode == Image.fromarray(squeezed).mode
+        np.testing.assert_array_equal(preprocess.from_pil(pil), crop)
+        for method in ("bilinear", "bicubic"):
+            resample = preprocess._RESAMPLING[method]  # pylint: disable=protected-access
+            expected = np.asarray(Image.fromarray(squeezed).resize((24, 17), resample))
+            np.testing.assert_array_equal(
+                preprocess._pil_resize(crop, 17, 24, resample),  # pylint: disable=protected-access
+                expected.reshape(17, 24, channels))
+    with pytest.raises(ValueError, match=r"1, 3 or 4 channels, got an image of shape \(4, 4, 2\)"):
+        preprocess.to_pil(np.zeros((4, 4, 2), np.uint8))
+
+
 def test_value_range_and_normalize():
     image = np.array([[[0, 255, 51]]], np.uint8)
     out = _run("value_range(-1, 1)", {"image": image})["image"]
