@@ -40,7 +40,9 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
 
 def _leaf_shapes(tree) -> dict[str, tuple | None]:
     """'params/encoder/kernel'-style path -> shape of every leaf (dict keys, attribute names
-    and indices joined by '/'), for saved metadata and abstract states alike."""
+    and indices joined by '/'), for saved metadata and abstract states alike. Unlike
+    `sharding.path_name` it keeps an NNX Variable's trailing `value` attribute, which the saved
+    metadata holds as a dict key: dropping one and not the other would match no path."""
     def name(key) -> str:
         for attr in ("key", "name", "idx"):
             if hasattr(key, attr):
