@@ -36,22 +36,21 @@ def dino_multicrop(global_size=224, local_size=96, num_local: int = 8,
     global_crop = pp.random_resized_crop(global_size, global_scale, method=method)
     local_crop = pp.random_resized_crop(local_size, local_scale, method=method)
     photometric = ([pp.flip_lr(0.5)] if flip else []) + [pp.color_jitter(), pp.grayscale(0.2)]
-    global_ops = ([global_crop, *photometric, pp.gaussian_blur(1.0)],
-                  [global_crop, *photometric, pp.gaussian_blur(0.1), pp.solarize(0.2)])
-    local_ops = [local_crop, *photometric, pp.gaussian_blur(0.5)]
-
-    def view(image, ops, rng):
-        example = {"image": image}
-        for op in ops:
-            example = op(example, rng)
-        return example["image"]
+    # Each view is a chain of the pp ops' PIL forms: the image becomes a PIL image once and
+    # each view an array once (the same pixels and draws as applying the ops one by one).
+    global_views = (
+        pp.pil_chain([global_crop, *photometric, pp.gaussian_blur(1.0)], "dino_multicrop"),
+        pp.pil_chain([global_crop, *photometric, pp.gaussian_blur(0.1), pp.solarize(0.2)],
+                     "dino_multicrop"))
+    local_view = pp.pil_chain([local_crop, *photometric, pp.gaussian_blur(0.5)], "dino_multicrop")
 
     def op(example, rng):
-        image = pp.uint8_image(example[key], "dino_multicrop")
+        image = pp.to_pil(pp.uint8_image(example[key], "dino_multicrop"))
         out = {k: v for k, v in example.items() if k != key}
-        out["global_crops"] = np.stack([view(image, ops, rng) for ops in global_ops])
+        out["global_crops"] = np.stack([pp.from_pil(view(image, rng)) for view in global_views])
         if num_local:
-            out["local_crops"] = np.stack([view(image, local_ops, rng) for _ in range(num_local)])
+            out["local_crops"] = np.stack([pp.from_pil(local_view(image, rng))
+                                           for _ in range(num_local)])
         return out
 
     return op

@@ -236,6 +236,44 @@ def _pil_resize(image: np.ndarray, height: int, width: int, resample) -> np.ndar
     return from_pil(to_pil(image).resize((width, height), resample))
 
 
+# A random image op may also carry `pil_step(image: Image.Image, rng) -> Image.Image`: the same
+# transformation of a PIL image, drawing the same numbers from rng in the same order. A chain
+# of them (`pil_chain`) converts to PIL once and back once instead of at every op; DINO's views
+# (`dino_multicrop`) are ~5 ops each on small crops, where a round trip costs as much as an op.
+PilStep = Callable[[Image.Image, np.random.Generator], Image.Image]
+
+
+def _pil_image_op(name: str, p: float, key: str, apply: PilStep) -> Op:
+    """The op that applies `apply` to example[key] as a PIL image with probability p (one
+    `rng.random()` draw, then apply's own draws), carrying the same as its `pil_step`."""
+
+    def pil_step(image, rng):
+        return image if rng.random() >= p else apply(image, rng)
+
+    def op(example, rng):
+        if rng.random() >= p:
+            return example
+        image = uint8_image(example[key], name)
+        return {**example, key: from_pil(apply(to_pil(image), rng))}
+
+    op.pil_step = pil_step
+    return op
+
+
+def pil_chain(ops: list[Op], name: str) -> PilStep:
+    """The `pil_step`s of `ops` applied in order; ValueError naming `name` if an op has none."""
+    steps = [getattr(op, "pil_step", None) for op in ops]
+    if None in steps:
+        raise ValueError(f"{name}: op {ops[steps.index(None)]} has no PIL form (pil_step)")
+
+    def chain(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+        for step in steps:
+            image = step(image, rng)
+        return image
+
+    return chain
+
+
 # ---------------------------------------------------------------------------------------------
 # Decoding and geometry
 
@@ -372,6 +410,11 @@ def random_resized_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), key: str 
         crop = image[top:top + h, left:left + w]
         return {**example, key: _pil_resize(crop, out_h, out_w, resample)}
 
+    def pil_step(image, rng):
+        top, left, h, w = sample_crop_box(rng, image.height, image.width, scale, ratio)
+        return image.crop((left, top, left + w, top + h)).resize((out_w, out_h), resample)
+
+    op.pil_step = pil_step
     return op
 
 
@@ -385,6 +428,10 @@ def flip_lr(p: float = 0.5, key: str = "image") -> Op:
             return example
         return {**example, key: np.ascontiguousarray(example[key][:, ::-1])}
 
+    def pil_step(image, rng):
+        return image if rng.random() >= p else image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+
+    op.pil_step = pil_step
     return op
 
 
@@ -452,21 +499,16 @@ def color_jitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p: float
               _jitter_range(contrast, "contrast", 1.0, 0.0, inf),
               _jitter_range(saturation, "saturation", 1.0, 0.0, inf),
               _jitter_range(hue, "hue", 0.0, -0.5, 0.5))
-    p = probability(p)
 
-    def op(example, rng):
-        if rng.random() >= p:
-            return example
-        image = uint8_image(example[key], "color_jitter")
-        if image.shape[-1] != 3:
-            raise ValueError(f"color_jitter needs 3 channels, got {image.shape[-1]}")
-        pil = to_pil(image)
+    def apply(image, rng):
+        if image.mode != "RGB":
+            raise ValueError(f"color_jitter needs 3 channels, got {len(image.getbands())}")
         for which in rng.permutation(4):
             if ranges[which] is not None:
-                pil = _ADJUSTMENTS[which](pil, rng.uniform(*ranges[which]))
-        return {**example, key: from_pil(pil)}
+                image = _ADJUSTMENTS[which](image, rng.uniform(*ranges[which]))
+        return image
 
-    return op
+    return _pil_image_op("color_jitter", probability(p), key, apply)
 
 
 @register("grayscale")
@@ -475,18 +517,14 @@ def grayscale(p: float = 0.2, key: str = "image") -> Op:
 
     p=0.2 as in SimCLR, BYOL and DINO.
     """
-    p = probability(p)
+    def apply(image, rng):
+        del rng
+        if image.mode == "L":
+            return image
+        grey = image.convert("L")  # luma of R, G, B; an alpha band becomes the luma too
+        return Image.merge(image.mode, [grey] * len(image.getbands()))
 
-    def op(example, rng):
-        if rng.random() >= p:
-            return example
-        image = uint8_image(example[key], "grayscale")
-        if image.shape[-1] == 1:
-            return example
-        grey = from_pil(to_pil(image).convert("L"))
-        return {**example, key: np.repeat(grey, image.shape[-1], axis=-1)}
-
-    return op
+    return _pil_image_op("grayscale", probability(p), key, apply)
 
 
 @register("gaussian_blur")
@@ -501,15 +539,10 @@ def gaussian_blur(p: float, sigma=(0.1, 2.0), key: str = "image") -> Op:
     if sigma[0] < 0:
         raise ValueError(f"sigma must be >= 0, got {sigma}")
 
-    def op(example, rng):
-        if rng.random() >= p:
-            return example
-        image = uint8_image(example[key], "gaussian_blur")
-        radius = rng.uniform(*sigma)
-        blurred = to_pil(image).filter(ImageFilter.GaussianBlur(radius))
-        return {**example, key: from_pil(blurred)}
+    def apply(image, rng):
+        return image.filter(ImageFilter.GaussianBlur(rng.uniform(*sigma)))
 
-    return op
+    return _pil_image_op("gaussian_blur", p, key, apply)
 
 
 @register("solarize")
@@ -521,14 +554,13 @@ def solarize(p: float = 0.2, threshold: int = 128, key: str = "image") -> Op:
     p = probability(p)
     if not isinstance(threshold, (int, float)) or not 0 <= threshold <= 256:
         raise ValueError(f"threshold must be in [0, 256], got {threshold!r}")
+    lut = [255 - i if i >= threshold else i for i in range(256)]
 
-    def op(example, rng):
-        if rng.random() >= p:
-            return example
-        image = uint8_image(example[key], "solarize")
-        return {**example, key: np.where(image >= threshold, 255 - image, image)}
+    def apply(image, rng):
+        del rng
+        return image.point(lut * len(image.getbands()))
 
-    return op
+    return _pil_image_op("solarize", p, key, apply)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,6 +95,30 @@ def test_pil_round_trip_and_resize_match_fromarray(image):
         preprocess.to_pil(np.zeros((4, 4, 2), np.uint8))
 
 
+@pytest.mark.parametrize("channels, spec", [
+    (3, "random_resized_crop(16, scale=(0.2, 1.0), method='bicubic')|flip_lr|color_jitter(p=0.9)"
+        "|grayscale(0.5)|gaussian_blur(0.5)|solarize(0.5)"),
+    (1, "random_resized_crop((9, 14))|flip_lr|grayscale(0.5)|gaussian_blur(0.5)"
+        "|solarize(0.5, threshold=100)"),
+    (4, "flip_lr|grayscale(0.5)|gaussian_blur(0.5)|solarize(0.5, threshold=200.5)"),
+])
+def test_pil_chain_matches_the_ops_one_by_one(channels, spec):
+    """The ops' PIL forms chained (one conversion in, one out) give the pixels the registered
+    ops give one at a time and leave the generator in the same state."""
+    parsed = preprocess.parse(spec)
+    chain = preprocess.pil_chain([op for _, op in parsed.ops], "test")
+    for seed in range(30):
+        image = np.random.default_rng(seed).integers(0, 256, (23, 31, channels), np.uint8)
+        want_rng, got_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+        want = parsed({"image": image}, want_rng)["image"]
+        got = preprocess.from_pil(chain(preprocess.to_pil(image), got_rng))
+        np.testing.assert_array_equal(got, want)
+        assert got_rng.random() == want_rng.random()
+    with pytest.raises(ValueError, match=r"views: op .* has no PIL form"):
+        preprocess.pil_chain([parsed.ops[0][1], preprocess.parse("value_range").ops[0][1]],
+                             "views")
+
+
 def test_value_range_and_normalize():
     image = np.array([[[0, 255, 51]]], np.uint8)
     out = _run("value_range(-1, 1)", {"image": image})["image"]
@@ -116,6 +140,14 @@ def test_solarize_and_grayscale_on_known_pixels():
     assert np.all(grey == grey[..., :1])
     pil = np.asarray(Image.fromarray(primaries).convert("L"))
     np.testing.assert_array_equal(grey[..., 0], pil)
+    # Every band becomes the luma, an alpha band too; one band is already grey.
+    rgba = np.concatenate([primaries, np.full((1, 4, 1), 7, np.uint8)], -1)
+    np.testing.assert_array_equal(_run("grayscale(p=1.0)", {"image": rgba})["image"],
+                                  np.repeat(grey[..., :1], 4, -1))
+    single = image[..., :1]
+    np.testing.assert_array_equal(_run("grayscale(p=1.0)", {"image": single})["image"], single)
+    np.testing.assert_array_equal(_run("solarize(p=1.0)", {"image": single})["image"],
+                                  [[[0], [55]]])
 
 
 def test_color_jitter_and_blur(image):

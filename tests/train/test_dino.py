@@ -272,6 +272,26 @@ def test_multicrop_gives_two_global_and_n_local_views():
     assert not np.array_equal(out["local_crops"][0], out["local_crops"][1])
 
 
+def test_multicrop_views_are_its_augmentation_specs_applied_one_by_one():
+    """dino_multicrop runs each view as one chain of PIL steps; it gives the same views as the
+    registered pp ops applied one at a time (a numpy round trip each), drawing from one
+    generator in view order: global 1, global 2, then the local crops."""
+    photometric = "|flip_lr(0.5)|color_jitter|grayscale(0.2)"
+    global_crop = "random_resized_crop(24, scale=(0.4, 1.0), method='bicubic')"
+    local_crop = "random_resized_crop(12, scale=(0.05, 0.4), method='bicubic')"
+    views = [preprocess.parse(global_crop + photometric + "|gaussian_blur(1.0)"),
+             preprocess.parse(global_crop + photometric + "|gaussian_blur(0.1)|solarize(0.2)")]
+    views += [preprocess.parse(local_crop + photometric + "|gaussian_blur(0.5)")] * 3
+    op = preprocess.parse("dino_multicrop(24, 12, 3)")
+    for seed in range(12):
+        image = np.random.default_rng(100 + seed).integers(0, 256, (30, 41, 3), np.uint8)
+        out = op({"image": image}, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        expected = [view({"image": image}, rng)["image"] for view in views]
+        np.testing.assert_array_equal(out["global_crops"], np.stack(expected[:2]))
+        np.testing.assert_array_equal(out["local_crops"], np.stack(expected[2:]))
+
+
 @pytest.mark.parametrize("target", [4, 20, 60, 98])
 def test_block_masks_hit_their_count_with_rectangles(target):
     rng = np.random.default_rng(target)
