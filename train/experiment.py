@@ -24,7 +24,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from vistax import evals
 from vistax.data import pipeline, preprocess
-from vistax.train import durations, objectives, optimizer as optimizer_lib, sharding
+from vistax.train import compile_options, durations, objectives, sharding
+from vistax.train import optimizer as optimizer_lib
 from vistax.train.step import make_train_step
 
 PROGRESS_MODES = ("auto", "bar", "lines")
@@ -132,7 +133,7 @@ class CompiledEval:
         self._jitted = jax.jit(apply, in_shardings=(sh["params"], sh["model_state"], sh["extra"],
                                                     exp.batch_sharding),
                                out_shardings=exp.batch_sharding if self._on_device
-                               else exp.replicated)
+                               else exp.replicated, compiler_options=exp.compiler_options)
 
     def __call__(self, state: dict, batch: dict):
         """Runs on a global batch; returns the outputs as numpy, or as device arrays."""
@@ -185,6 +186,8 @@ class TrainProgram:
         self.batch_axes = sharding.batch_axes(self.rules)
         self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.compiler_options = compile_options.compiler_options(
+            config, self.mesh.devices.flat[0].platform)
 
         inp = config.input
         self.epoch_size = self._read_epoch_size() if epoch_size is None else epoch_size
@@ -217,8 +220,9 @@ class TrainProgram:
                                prng_impl=config.prng_impl)
         self._step = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
                              out_shardings=(self.state_shardings, self.replicated),
-                             donate_argnums=0)
-        self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+                             donate_argnums=0, compiler_options=self.compiler_options)
+        self._init = jax.jit(self._init_state, out_shardings=self.state_shardings,
+                             compiler_options=self.compiler_options)
 
     # -- building --------------------------------------------------------------------------
 
