@@ -145,6 +145,12 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[st
     return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
 
 
+def _compiler_options(cases: list[dict]) -> str:
+    """The XLA compiler options the cases' steps were jitted with (config `xla_cpu_dots`)."""
+    options = sorted({f"{k}={v}" for c in cases for k, v in c.get("compiler_options", {}).items()})
+    return ", ".join(options) if options else "XLA's default options"
+
+
 def format_report(report: dict) -> str:
     host, peak, proto = report["host"], report["peak"], report["protocol"]
     torch_text = (f"torch {host['torch']} ({host['torch_threads']} threads)" if host["torch"]
@@ -156,6 +162,8 @@ def format_report(report: dict) -> str:
         f"median of {proto['steps']} steps after {proto['warmup']} warm-up",
         f"environment: GLIBC_TUNABLES={host.get('glibc_tunables') or '(unset)'}, "
         f"XLA_FLAGS={host.get('xla_flags') or '(unset)'}",
+        f"JAX step compiled with {_compiler_options(report['cases'])}; the big_vision-style "
+        f"reference with XLA's defaults",
         f"peak: {peak['used'] / 1e9:.1f} GFLOP/s ({peak['source']}; numpy "
         f"{_num(peak['numpy'] and peak['numpy'] / 1e9, '.1f')}, XLA {peak['xla'] / 1e9:.1f})",
         "",

@@ -202,6 +202,7 @@ def bench_case(case: cases_lib.Case, *, steps: int, warmup: int, peak: float, de
         "overrides": dict(case.overrides), "batch_size": batch_size,
         "shapes": {k: list(v.shape) for k, v in local.items()},
         "params": _count(state["params"]), "flops_per_step": flops, "flops_source": source,
+        "compiler_options": exp.compiler_options or {},
         "jax": jax_out, "torch": torch_out, "ratio": ratio, "big_vision": bv_out,
         "big_vision_ratio": bv_ratio, "pipeline": pipe,
     }

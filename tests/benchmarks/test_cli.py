@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from vistax.benchmarks import report
+from vistax.train import compile_options
 
 _SCRIPT = os.path.join(os.path.dirname(sys.executable), "vistax")
 VISTAX = [_SCRIPT] if os.path.exists(_SCRIPT) else [sys.executable, "-m", "vistax.launch.cli"]
@@ -32,6 +33,7 @@ def test_bench_one_tiny_case_writes_the_report(tmp_path, data_dir):
     assert case["shapes"] == {"image": [128, 32, 32, 3], "labels": [128, 10]}
     assert case["jax"]["step_s"]["n"] == 2 and case["jax"]["examples_per_s"] > 0
     assert 0 < case["jax"]["mfu"] and case["flops_source"] == "analytic"
+    assert case["compiler_options"] == compile_options.CPU_DOTS["eigen"]
     assert case["pipeline"]["examples_per_s"] > 0 and case["pipeline"]["ratio_to_step"] > 0
     if importlib.util.find_spec("torch") is not None:
         assert case["torch"]["status"] == "ok", case["torch"]

@@ -22,6 +22,7 @@ def fake_case(name="vit_s16_112", torch_ok=True):
     return {"name": name, "config": "vit:S/16", "description": "d", "overrides": {},
             "batch_size": 64, "shapes": {"image": [64, 112, 112, 3], "labels": [64, 1000]},
             "params": 10, "flops_per_step": 1e11, "flops_source": "analytic",
+            "compiler_options": {"xla_cpu_experimental_ynn_fusion_type": "A,B"},
             "jax": jax_side, "torch": torch_side, "ratio": 1.25 if torch_ok else None,
             "big_vision": ({"status": "ok", "params": 10, "first_step_s": 3.0,
                             "step_s": stats(1.6), "examples_per_s": 40.0, "flops_per_s": 6e10,
@@ -89,6 +90,7 @@ def test_goals_and_tables():
     assert "64 x image 112x112x3, labels 1000" in text
     assert "JAX/torch" in text and "1.25" in text and "no reference" in text
     assert "blocking 0.02%" in text and "[not met] vit_s16_112: input pipeline" in text
+    assert "JAX step compiled with xla_cpu_experimental_ynn_fusion_type=A,B;" in text
 
 
 def test_parse_cases():
