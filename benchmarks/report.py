@@ -146,9 +146,15 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[st
 
 
 def _compiler_options(cases: list[dict]) -> str:
-    """The XLA compiler options the cases' steps were jitted with (config `xla_cpu_dots`)."""
-    options = sorted({f"{k}={v}" for c in cases for k, v in c.get("compiler_options", {}).items()})
-    return ", ".join(options) if options else "XLA's default options"
+    """The XLA compiler options the cases' steps were jitted with (config `xla_cpu_dots`), with
+    the cases named where they differ."""
+    groups: dict[str, list[str]] = {}
+    for c in cases:
+        options = ", ".join(f"{k}={v}" for k, v in sorted(c.get("compiler_options", {}).items()))
+        groups.setdefault(options or "XLA's default options", []).append(c["name"])
+    if len(groups) == 1:
+        return next(iter(groups))
+    return "; ".join(f"{text} ({', '.join(names)})" for text, names in groups.items())
 
 
 def format_report(report: dict) -> str:
@@ -162,7 +168,7 @@ def format_report(report: dict) -> str:
         f"median of {proto['steps']} steps after {proto['warmup']} warm-up",
         f"environment: GLIBC_TUNABLES={host.get('glibc_tunables') or '(unset)'}, "
         f"XLA_FLAGS={host.get('xla_flags') or '(unset)'}",
-        f"JAX step compiled with {_compiler_options(report['cases'])}; the big_vision-style "
+        f"JAX steps compiled with {_compiler_options(report['cases'])}; the big_vision-style "
         f"reference with XLA's defaults",
         f"peak: {peak['used'] / 1e9:.1f} GFLOP/s ({peak['source']}; numpy "
         f"{_num(peak['numpy'] and peak['numpy'] / 1e9, '.1f')}, XLA {peak['xla'] / 1e9:.1f})",

@@ -90,7 +90,10 @@ def test_goals_and_tables():
     assert "64 x image 112x112x3, labels 1000" in text
     assert "JAX/torch" in text and "1.25" in text and "no reference" in text
     assert "blocking 0.02%" in text and "[not met] vit_s16_112: input pipeline" in text
-    assert "JAX step compiled with xla_cpu_experimental_ynn_fusion_type=A,B;" in text
+    assert "JAX steps compiled with xla_cpu_experimental_ynn_fusion_type=A,B;" in text
+    rep["cases"][1]["compiler_options"] = {}
+    assert ("JAX steps compiled with xla_cpu_experimental_ynn_fusion_type=A,B (vit_s16_112); "
+            "XLA's default options (mae_tiny);") in report.format_report(rep)
 
 
 def test_parse_cases():
