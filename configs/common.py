@@ -77,8 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
     # compile than threefry2x32 (JAX's default) for parameter initialisation on this CPU.
     # (MaxText goes further with unsafe_rbg, whose split/fold_in are approximate.)
     c.prng_impl = "rbg"
-    # What runs dots on CPU: "eigen" (XLA's Eigen kernels; batched attention dots ~1.5-2x
-    # faster than YNNPACK's on 2 cores) or "xla_default" (YNNPACK in jax 0.10). See
+    # What runs dots on CPU: "eigen" (XLA's Eigen kernels; batched attention dots up to
+    # 1.8x faster than YNNPACK's on 2 cores) or "xla_default" (YNNPACK in jax 0.10). See
     # train/compile_options.py; no effect on GPU/TPU.
     c.xla_cpu_dots = "eigen"
     c.objective = config_dict.placeholder(str)  # name in vistax.train.objectives
