@@ -197,6 +197,13 @@ def probability(p, name: str = "p") -> float:
     return float(p)
 
 
+def uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    """`rng.uniform(low, high)` for one number, bit for bit: numpy computes it as low +
+    (high - low) * (the next double of rng.random()). A third of uniform's time (1 vs 3 us):
+    a DINO example draws ~40 of them."""
+    return low + (high - low) * rng.random()
+
+
 def _method(method: str):
     if method not in _RESAMPLING:
         raise ValueError(f"method must be one of {sorted(_RESAMPLING)}, got {method!r}")
@@ -372,8 +379,8 @@ def sample_crop_box(rng: np.random.Generator, height: int, width: int,
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
-        target_area = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
+        target_area = area * uniform(rng, *scale)
+        aspect = math.exp(uniform(rng, *log_ratio))
         w = round(math.sqrt(target_area * aspect))
         h = round(math.sqrt(target_area / aspect))
         if 0 < w <= width and 0 < h <= height:
@@ -458,14 +465,16 @@ def _jitter_range(value, name: str, centre: float, low: float, high: float
 def _shift_hue(image: Image.Image, shift: float) -> Image.Image:
     """Rotates hue by `shift` (a fraction of the colour wheel) in PIL's 8-bit HSV, whose hue
     channel has 256 steps per turn; saturation and value are kept."""
-    hsv = np.array(image.convert("HSV"))
-    hsv[..., 0] += np.uint8(round(shift * 256) % 256)  # uint8 wraps around the wheel
-    return Image.fromarray(hsv, "HSV").convert("RGB")
+    hsv = np.frombuffer(image.convert("HSV").tobytes(), np.uint8).reshape(-1, 3).copy()
+    hsv[:, 0] += np.uint8(round(shift * 256) % 256)  # uint8 wraps around the wheel
+    return Image.frombuffer("HSV", image.size, hsv, "raw", "HSV", 0, 1).convert("RGB")
 
 
 def _blend_with_mean_grey(image: Image.Image, factor: float) -> Image.Image:
-    """Pillow's ImageEnhance.Contrast: blends with the image's mean "L" level, rounded."""
-    mean = int(np.asarray(image.convert("L")).mean() + 0.5)
+    """Pillow's ImageEnhance.Contrast: blends with the image's mean "L" level, rounded (the
+    mean from the histogram, as Pillow's ImageStat computes it)."""
+    histogram = image.convert("L").histogram()
+    mean = int(sum(map(operator.mul, histogram, range(256))) / (image.width * image.height) + 0.5)
     return Image.blend(Image.new("RGB", image.size, (mean,) * 3), image, factor)
 
 
@@ -505,7 +514,7 @@ def color_jitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p: float
             raise ValueError(f"color_jitter needs 3 channels, got {len(image.getbands())}")
         for which in rng.permutation(4):
             if ranges[which] is not None:
-                image = _ADJUSTMENTS[which](image, rng.uniform(*ranges[which]))
+                image = _ADJUSTMENTS[which](image, uniform(rng, *ranges[which]))
         return image
 
     return _pil_image_op("color_jitter", probability(p), key, apply)
@@ -540,7 +549,7 @@ def gaussian_blur(p: float, sigma=(0.1, 2.0), key: str = "image") -> Op:
         raise ValueError(f"sigma must be >= 0, got {sigma}")
 
     def apply(image, rng):
-        return image.filter(ImageFilter.GaussianBlur(rng.uniform(*sigma)))
+        return image.filter(ImageFilter.GaussianBlur(uniform(rng, *sigma)))
 
     return _pil_image_op("gaussian_blur", p, key, apply)
 

@@ -191,6 +191,35 @@ def test_color_jitter_adjustments_on_known_pixels(image):
             preprocess.parse(spec)
 
 
+@pytest.mark.parametrize("factor", [0.0, 0.37, 1.0, 1.61])
+def test_color_jitter_matches_pillow_image_enhance(factor):
+    """Brightness, contrast and saturation are torchvision's PIL path, Pillow's ImageEnhance,
+    pixel for pixel; the hue rotation is 8-bit HSV's (here on a 7 x 5 image: no transposes)."""
+    from PIL import ImageEnhance  # pylint: disable=import-outside-toplevel
+
+    pixels = np.random.default_rng(3).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    ex, pil = {"image": pixels}, Image.fromarray(pixels)
+    f = (factor, factor)
+    for spec, enhance in ((f"color_jitter({f}, 0, 0, 0, p=1.0)", ImageEnhance.Brightness),
+                          (f"color_jitter(0, {f}, 0, 0, p=1.0)", ImageEnhance.Contrast),
+                          (f"color_jitter(0, 0, {f}, 0, p=1.0)", ImageEnhance.Color)):
+        np.testing.assert_array_equal(_run(spec, ex)["image"],
+                                      np.asarray(enhance(pil).enhance(factor)), err_msg=spec)
+    shift = factor / 4 - 0.2  # -0.2 ... 0.2 turns: 8-bit steps of round(shift * 256)
+    hsv = np.array(pil.convert("HSV"))
+    hsv[..., 0] = (hsv[..., 0].astype(int) + round(shift * 256)) % 256
+    np.testing.assert_array_equal(
+        _run(f"color_jitter(0, 0, 0, ({shift}, {shift}), p=1.0)", ex)["image"],
+        np.asarray(Image.fromarray(hsv, "HSV").convert("RGB")))
+
+
+def test_uniform_draws_what_generator_uniform_draws():
+    a, b = np.random.default_rng(11), np.random.default_rng(11)
+    for low, high in [(0.6, 1.4), (-0.1, 0.1), (np.log(3 / 4), np.log(4 / 3)), (2.0, 2.0)] * 50:
+        assert preprocess.uniform(a, low, high) == b.uniform(low, high)
+    assert a.random() == b.random()  # the streams stay in step
+
+
 def test_leading_deterministic_ops_split_off():
     parsed = preprocess.parse("decode|resize(8)|flip_lr|value_range(0, 1)|keep('image')")
     head, tail = parsed.split_deterministic()
