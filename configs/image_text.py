@@ -77,8 +77,10 @@ def tiny_data(c) -> None:
     c.input.dataset = "shapes"
     c.input.cache = True  # a built-in dataset: a few MB in memory
     c.input.batch_size = 256
-    image = f"decode|resize({size})|value_range(-1, 1)"
-    c.input.pp = f"{image}|{tokenize(c)}|keep('image', 'text')"
+    # value_range after tokenize: the trailing value ops run once per batch (and the cache
+    # holds uint8 images).
+    image, scale = f"decode|resize({size})", "value_range(-1, 1)"
+    c.input.pp = f"{image}|{tokenize(c)}|{scale}|keep('image', 'text')"
     c.duration = "8 epochs"
     c.log_every = "1 epochs"
     c.checkpoint.every = "4 epochs"
@@ -86,7 +88,7 @@ def tiny_data(c) -> None:
     c.schedule.warmup = "1 epochs"
     c.optimizer.weight_decay = 0.05
     zero_shot = dict(type="zero_shot", dataset="shapes", batch_size=200,
-                     pp=f"{image}|keep('image', 'label')", every="4 epochs",
+                     pp=f"{image}|{scale}|keep('image', 'label')", every="4 epochs",
                      tokenizer=c.tokenizer, text_length=c.text_length, templates="shapes")
     # Images whose main object is a colour-shape pair never seen in training: among all 30
     # class names (chance 1/30), and among the 5 held-out names only (chance 1/5).
@@ -98,7 +100,7 @@ def tiny_data(c) -> None:
         zero_shot, split="test", class_names="shapes"))
     c.evals.retrieval_test = ml_collections.ConfigDict(dict(
         type="retrieval", dataset="shapes", split="test", batch_size=200,
-        pp=f"{image}|{tokenize(c)}|keep('image', 'text')", every="4 epochs"))
+        pp=f"{image}|{tokenize(c)}|{scale}|keep('image', 'text')", every="4 epochs"))
 
 
 def tiny_towers(**values) -> ml_collections.ConfigDict:
@@ -115,8 +117,8 @@ def web_data(c, image_size: int, mean_std: str = CLIP_MEAN_STD) -> None:
     """Paper-scale image-text data: a prepared dataset (`vistax prepare` from a CSV/TSV)."""
     c.input.dataset = "image_text"
     c.input.worker_count = 8
-    c.input.pp = (f"decode|resize({image_size}, method='bicubic')|value_range(0, 1)"
-                  f"|normalize({mean_std})|{tokenize(c)}|keep('image', 'text')")
+    c.input.pp = (f"decode|resize({image_size}, method='bicubic')|{tokenize(c)}"
+                  f"|value_range(0, 1)|normalize({mean_std})|keep('image', 'text')")
     c.log_every = "100 steps"
     c.checkpoint.every = "2000 steps"
 

@@ -140,7 +140,7 @@ def get_config(arg=None):
         c.input.dataset = "shapes"
         c.input.cache = True  # a built-in dataset: a few MB in memory
         c.input.batch_size = 64
-        pp = ("decode|value_range(-1, 1)|tokenize('bytes', 96, key='caption', out='text')"
+        pp = ("decode|tokenize('bytes', 96, key='caption', out='text')|value_range(-1, 1)"
               "|keep('image', 'text')")
         c.input.pp = pp
         c.model = model_config(

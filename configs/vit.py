@@ -57,7 +57,7 @@ def get_config(arg=None):
         c.input.cache = True  # a built-in dataset: a few MB in memory
         c.input.batch_size = 128
         c.input.pp = ("decode|random_resized_crop(32, scale=(0.7, 1.0), ratio=(0.8, 1.25))"
-                      "|value_range(-1, 1)|onehot(10)|keep('image', 'labels')")
+                      "|onehot(10)|value_range(-1, 1)|keep('image', 'labels')")
         c.model = model_config(width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=8,
                                image_size=32, num_classes=10, scan=False)
         c.duration = "40 epochs"
@@ -73,8 +73,8 @@ def get_config(arg=None):
         c.input.dataset = "imagenet2012"
         c.input.batch_size = 1024
         c.input.worker_count = 8
-        c.input.pp = ("decode|random_resized_crop(224, method='bicubic')|flip_lr|value_range(0, 1)"
-                      f"|normalize({IMAGENET_MEAN_STD})|onehot(1000)|keep('image', 'labels')")
+        c.input.pp = ("decode|random_resized_crop(224, method='bicubic')|flip_lr|onehot(1000)"
+                      f"|value_range(0, 1)|normalize({IMAGENET_MEAN_STD})|keep('image', 'labels')")
         c.model = model_config(variant=arg.preset, image_size=224, num_classes=1000,
                                drop_path=0.1, dtype="bfloat16", remat="dots_no_batch")
         c.loss.mixup_alpha = 0.8

@@ -289,6 +289,20 @@ class _TrainExample:
 
 
 @dataclasses.dataclass(frozen=True)
+class _BatchOps:
+    """Applies a spec's elementwise tail (`Preprocess.split_batch_ops`) to a stacked batch."""
+
+    preprocess: preprocess_lib.Preprocess
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return self.preprocess(batch, None)
+
+
+def _with_batch_ops(ds: grain.MapDataset, batch_ops: preprocess_lib.Preprocess) -> grain.MapDataset:
+    return ds.map(_BatchOps(batch_ops)) if batch_ops.ops else ds
+
+
+@dataclasses.dataclass(frozen=True)
 class _EvalExample:
     """Padded index -> preprocessed record (index mod len) with `_mask` False for padding."""
 
@@ -390,7 +404,7 @@ def train_iterator(*, dataset: str, split: str, pp: str, global_batch_size: int,
     if len(records) < global_batch_size:
         raise ValueError(f"split {split!r} of {dataset!r} has {len(records)} examples, fewer than "
                          f"one global batch of {global_batch_size}")
-    parsed = preprocess_lib.parse(pp)
+    parsed, batch_ops = preprocess_lib.parse(pp).split_batch_ops()
     if cache:
         head, parsed = parsed.split_deterministic()
         records = _CachedRecords(records, head, copies=max(worker_count, 1),
@@ -401,7 +415,7 @@ def train_iterator(*, dataset: str, split: str, pp: str, global_batch_size: int,
     if start_step:
         ds = ds[start_step * global_batch_size:]
     ds = ds[process_index::process_count].batch(local_batch_size, drop_remainder=True)
-    return _iterate(ds, worker_count, read_threads)
+    return _iterate(_with_batch_ops(ds, batch_ops), worker_count, read_threads)
 
 
 def eval_iterator(*, dataset: str, split: str, pp: str, global_batch_size: int,
@@ -419,6 +433,7 @@ def eval_iterator(*, dataset: str, split: str, pp: str, global_batch_size: int,
     local_batch_size = _local_batch_size(global_batch_size, process_count)
     records = _records(dataset, split, data_dir)
     padded = math.ceil(len(records) / global_batch_size) * global_batch_size
+    parsed, batch_ops = preprocess_lib.parse(pp).split_batch_ops()
     ds = grain.MapDataset.range(padded)[process_index::process_count]
-    ds = ds.map(_EvalExample(records, preprocess_lib.parse(pp))).batch(local_batch_size)
-    return _iterate(ds, worker_count, read_threads)
+    ds = ds.map(_EvalExample(records, parsed)).batch(local_batch_size)
+    return _iterate(_with_batch_ops(ds, batch_ops), worker_count, read_threads)

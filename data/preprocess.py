@@ -31,6 +31,9 @@ _OPS: dict[str, Callable[..., Op]] = {}
 # Ops whose output is a function of the example alone (they never draw from rng): a pipeline
 # may compute a spec's leading run of them once per record and cache it (`input.cache`).
 _DETERMINISTIC: set[str] = set()
+# Ops that change only example[op.key], element by element (constants broadcast over trailing
+# axes): the same values on a stacked batch, so a pipeline may run them once per batch.
+_ELEMENTWISE: set[str] = set()
 
 _RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
@@ -41,20 +44,26 @@ _RESAMPLING = {
 }
 
 
-def register(name: str, *, deterministic: bool = False
+def register(name: str, *, deterministic: bool = False, elementwise: bool = False
              ) -> Callable[[Callable[..., Op]], Callable[..., Op]]:
     """Decorator registering an op factory under `name` (the name used in spec strings).
 
     deterministic=True declares that the op never uses its generator (it is called with
     rng=None when its output is cached), so its output may be computed once per record.
+    elementwise=True (implies deterministic) declares that the op's output differs from its
+    input only in example[op.key] (an attribute the op carries), element by element with
+    constants broadcast over the trailing axes, so it gives the same values on a batch of
+    stacked examples (`Preprocess.split_batch_ops`).
     """
 
     def decorate(factory: Callable[..., Op]) -> Callable[..., Op]:
         if name in _OPS:
             raise ValueError(f"pp op {name!r} is already registered ({_OPS[name]})")
         _OPS[name] = factory
-        if deterministic:
+        if deterministic or elementwise:
             _DETERMINISTIC.add(name)
+        if elementwise:
+            _ELEMENTWISE.add(name)
         return factory
 
     return decorate
@@ -71,9 +80,7 @@ class Preprocess:
 
     spec: str
     ops: tuple[tuple[str, Op], ...]  # (the op's text in the spec, the op)
-    # How many leading ops are registered deterministic (their output depends on the example
-    # only); `split_deterministic` separates them.
-    deterministic_prefix: int = 0
+    names: tuple[str, ...] = ()  # the ops' registered names
 
     def __call__(self, example: Example, rng: np.random.Generator) -> Example:
         for text, op in self.ops:
@@ -84,16 +91,42 @@ class Preprocess:
                                  f"{type(e).__name__}: {e}") from e
         return example
 
+    def _subset(self, indices) -> Preprocess:
+        ops = tuple(self.ops[i] for i in indices)
+        return Preprocess("|".join(text for text, _ in ops), ops,
+                          tuple(self.names[i] for i in indices))
+
     def split_deterministic(self) -> tuple[Preprocess, Preprocess]:
         """(leading deterministic ops, the rest) as two Preprocess that compose to this one.
 
         The first never draws from its generator, so the second draws exactly what the whole
         spec would: caching the first's output changes no example.
         """
-        n = self.deterministic_prefix
-        head = "|".join(text for text, _ in self.ops[:n])
-        tail = "|".join(text for text, _ in self.ops[n:])
-        return (Preprocess(head, self.ops[:n], n), Preprocess(tail, self.ops[n:], 0))
+        n = next((i for i, name in enumerate(self.names) if name not in _DETERMINISTIC),
+                 len(self.names))
+        return self._subset(range(n)), self._subset(range(n, len(self.ops)))
+
+    def split_batch_ops(self) -> tuple[Preprocess, Preprocess]:
+        """(per example, per batch): the elementwise ops (`value_range`, `normalize`) of the
+        spec's trailing run of elementwise ops and `keep`s, moved to run once on the stacked
+        batch. Stacking the per-example outputs and applying the second gives this spec's
+        batch bit for bit: those ops change only their key's values, element by element, and
+        `keep` only drops keys (an elementwise op whose key a later `keep` drops stays per
+        example). The batch stacks uint8 images instead of float32 ones, and costs one numpy
+        call per op instead of one per example (~25 us each on a 32 x 32 image).
+        """
+        start = len(self.ops)
+        while start and (self.names[start - 1] in _ELEMENTWISE or self.names[start - 1] == "keep"):
+            start -= 1
+        batched, kept = set(), None  # kept: the keys every later keep keeps (None: all)
+        for i in reversed(range(start, len(self.ops))):
+            op = self.ops[i][1]
+            if self.names[i] == "keep":
+                kept = set(op.keys) if kept is None else kept & set(op.keys)
+            elif kept is None or op.key in kept:
+                batched.add(i)
+        return (self._subset([i for i in range(len(self.ops)) if i not in batched]),
+                self._subset(sorted(batched)))
 
 
 _ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
@@ -127,7 +160,7 @@ def parse(spec: str) -> Preprocess:
     non-literal or wrong arguments.
     """
     if not spec.strip():
-        return Preprocess(spec, (), 0)
+        return Preprocess(spec, ())
     known = f"known ops: {', '.join(known_ops())}"
     try:
         tree = ast.parse(spec.strip(), mode="eval").body
@@ -164,8 +197,7 @@ def parse(spec: str) -> Preprocess:
                              f"expected {name}{signature}") from e
         ops.append((text, op))
         names.append(name)
-    prefix = next((i for i, name in enumerate(names) if name not in _DETERMINISTIC), len(names))
-    return Preprocess(spec, tuple(ops), prefix)
+    return Preprocess(spec, tuple(ops), tuple(names))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,7 +608,7 @@ def solarize(p: float = 0.2, threshold: int = 128, key: str = "image") -> Op:
 # Value ranges and labels
 
 
-@register("value_range", deterministic=True)
+@register("value_range", elementwise=True)
 def value_range(vmin: float = -1.0, vmax: float = 1.0, in_min: float = 0.0,
                 in_max: float = 255.0, key: str = "image") -> Op:
     """Maps [in_min, in_max] linearly to [vmin, vmax] as float32 (0 -> vmin, 255 -> vmax)."""
@@ -591,10 +623,11 @@ def value_range(vmin: float = -1.0, vmax: float = 1.0, in_min: float = 0.0,
         scaled += np.float32(vmin)
         return {**example, key: scaled}
 
+    op.key = key
     return op
 
 
-@register("normalize", deterministic=True)
+@register("normalize", elementwise=True)
 def normalize(mean, std, key: str = "image") -> Op:
     """(x - mean) / std per channel as float32, e.g. after value_range(0, 1) the ImageNet
     statistics mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)."""
@@ -609,6 +642,7 @@ def normalize(mean, std, key: str = "image") -> Op:
         normalized /= std
         return {**example, key: normalized}
 
+    op.key = key
     return op
 
 
@@ -649,6 +683,7 @@ def keep(*keys: str) -> Op:
             raise KeyError(f"keys {missing} not in example; it has {sorted(example)}")
         return {k: example[k] for k in keys}
 
+    op.keys = keys
     return op
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from vistax.data import pipeline
+from vistax.data import pipeline, preprocess
 
 AUGMENT = "decode|random_resized_crop(24, scale=(0.3, 1.0))|flip_lr|value_range(0, 1)"
 TRAIN_PP = AUGMENT + "|keep('image', 'label', 'id')"
@@ -154,6 +154,21 @@ def test_cache_gives_the_same_batches_over_epochs_and_checks_memory(train, monke
     monkeypatch.setattr(pipeline, "physical_memory", lambda: 2**20)  # 1 MiB: too little
     with pytest.raises(ValueError, match=r"input.cache=True would hold .* after 'decode'"):
         train(cache=True)
+
+
+def test_elementwise_tail_on_the_batch_gives_the_same_batches(train, digits_dir, monkeypatch):
+    # TRAIN_PP's value_range runs on each stacked batch; with every op per example (the split
+    # turned off) the batches are the same, bit for bit, in training and evaluation.
+    def evaluate():
+        return list(pipeline.eval_iterator(
+            dataset=digits_dir, split="test", global_batch_size=100, process_index=0,
+            process_count=1, pp="decode|value_range(-1, 1)|normalize(0.5, 0.2)|keep('image')"))
+
+    batched_train, batched_eval = _take(train(cache=True), 20), evaluate()
+    monkeypatch.setattr(preprocess.Preprocess, "split_batch_ops",
+                        lambda self: (self, preprocess.parse("")))
+    _assert_same(batched_train, _take(train(cache=True), 20))
+    _assert_same(batched_eval, evaluate())
 
 
 _TRAINER = """

@@ -230,6 +230,34 @@ def test_leading_deterministic_ops_split_off():
     assert whole.split_deterministic()[0].spec == whole.spec
 
 
+def test_trailing_elementwise_ops_split_off_to_run_on_the_batch(image):
+    spec = ("random_resized_crop(16)|value_range(0, 1)|normalize((0.5, 0.4, 0.3), (0.2, 0.3, 0.4))"
+            "|copy('image', 'aux')|value_range(-1, 1, key='aux')|keep('image', 'label')")
+    per_example, per_batch = preprocess.parse(spec).split_batch_ops()
+    # value_range on 'aux', which the keep drops, stays per example (and copy ends the tail).
+    assert per_example.spec == ("random_resized_crop(16)|value_range(0, 1)|normalize((0.5, 0.4, "
+                                "0.3), (0.2, 0.3, 0.4))|copy('image', 'aux')|value_range(-1, 1, "
+                                "key='aux')|keep('image', 'label')")
+    assert per_batch.ops == ()
+    spec = ("random_resized_crop(16)|keep('image', 'label')|value_range(0, 1)"
+            "|normalize((0.5, 0.4, 0.3), (0.2, 0.3, 0.4))|keep('label', 'image')")
+    whole = preprocess.parse(spec)
+    per_example, per_batch = whole.split_batch_ops()
+    assert per_example.spec == ("random_resized_crop(16)|keep('image', 'label')"
+                                "|keep('label', 'image')")
+    assert per_batch.spec == "value_range(0, 1)|normalize((0.5, 0.4, 0.3), (0.2, 0.3, 0.4))"
+    examples = [{"image": image, "label": np.int64(i)} for i in range(5)]
+    stacked = [per_example(ex, np.random.default_rng(i)) for i, ex in enumerate(examples)]
+    assert stacked[0]["image"].dtype == np.uint8  # the batch stacks uint8
+    batch = per_batch({k: np.stack([ex[k] for ex in stacked]) for k in stacked[0]}, None)
+    reference = [whole(ex, np.random.default_rng(i)) for i, ex in enumerate(examples)]
+    for key in ("image", "label"):  # bit for bit
+        np.testing.assert_array_equal(batch[key], np.stack([ex[key] for ex in reference]))
+    assert batch["image"].dtype == np.float32
+    # Nothing after the last non-elementwise op: nothing moves.
+    assert preprocess.parse("value_range|flip_lr").split_batch_ops()[1].ops == ()
+
+
 def test_random_ops_use_only_the_given_generator(image):
     spec = "random_resized_crop(16)|flip_lr|color_jitter|grayscale|gaussian_blur(0.5)|solarize"
     pp = preprocess.parse(spec)
