@@ -148,6 +148,10 @@ class EpochShuffle(grain.MapDataset):
         block, offset = divmod(in_epoch, BLOCK)
         return int(self._block(epoch, block)[offset]) + epoch * n
 
+    def parent_index(self, index: int) -> int:
+        """Which of the parent's elements `self[index]` is (index >= len: a later epoch's)."""
+        return self._shuffled_index(index) % len(self._parent)
+
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
