@@ -310,12 +310,14 @@ _ENDLESS = sys.maxsize
 @dataclasses.dataclass(frozen=True)
 class _Batch:
     """Batch t -> the examples `element(first + stride * (t * size + j))`, j < size, stacked
-    per key with np.stack (as grain's `batch`). One grain element per batch, not per example:
+    per key with np.stack (as grain's `batch`), then the pp's elementwise tail (`batch_ops`,
+    `Preprocess.split_batch_ops`) on the stack. One grain element per batch, not per example:
     grain's per-element bookkeeping (source, shuffle, map, slices, batch) cost ~75 us per
     example, as much as `mae_tiny`'s whole pp on a 32 x 32 image."""
 
     element: Any  # Callable[[int], dict[str, Any]], picklable for worker processes
-    spec: str
+    batch_ops: preprocess_lib.Preprocess
+    spec: str  # the pp's, for errors
     first: int
     stride: int
     size: int
@@ -330,21 +332,7 @@ class _Batch:
             except (KeyError, ValueError) as e:
                 raise ValueError(f"pp output {key!r} cannot be batched: {e}; the examples of "
                                  f"{self.spec!r} must share keys and shapes") from e
-        return batch
-
-
-@dataclasses.dataclass(frozen=True)
-class _BatchOps:
-    """Applies a spec's elementwise tail (`Preprocess.split_batch_ops`) to a stacked batch."""
-
-    preprocess: preprocess_lib.Preprocess
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return self.preprocess(batch, None)
-
-
-def _with_batch_ops(ds: grain.MapDataset, batch_ops: preprocess_lib.Preprocess) -> grain.MapDataset:
-    return ds.map(_BatchOps(batch_ops)) if batch_ops.ops else ds
+        return self.batch_ops(batch, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,7 +437,8 @@ def train_iterator(*, dataset: str, split: str, pp: str, global_batch_size: int,
     if len(records) < global_batch_size:
         raise ValueError(f"split {split!r} of {dataset!r} has {len(records)} examples, fewer than "
                          f"one global batch of {global_batch_size}")
-    parsed, batch_ops = preprocess_lib.parse(pp).split_batch_ops()
+    whole = preprocess_lib.parse(pp)
+    parsed, batch_ops = whole.split_batch_ops()
     if cache:
         head, parsed = parsed.split_deterministic()
         records = _CachedRecords(records, head, copies=max(worker_count, 1),
@@ -459,10 +448,10 @@ def train_iterator(*, dataset: str, split: str, pp: str, global_batch_size: int,
     # Local batch t holds the stream's elements start_step * B + process_index + P * (t * b + j),
     # j < b: the global batches [tB, (t+1)B) dealt round-robin to the P processes.
     ds = grain.MapDataset.range(_ENDLESS).map(_Batch(
-        _TrainElement(records, order, _TrainExample(parsed, seed)), spec=parsed.spec,
+        _TrainElement(records, order, _TrainExample(parsed, seed)), batch_ops, whole.spec,
         first=start_step * global_batch_size + process_index, stride=process_count,
         size=local_batch_size))
-    return _iterate(_with_batch_ops(ds, batch_ops), worker_count, read_threads)
+    return _iterate(ds, worker_count, read_threads)
 
 
 def eval_iterator(*, dataset: str, split: str, pp: str, global_batch_size: int,
@@ -482,6 +471,6 @@ def eval_iterator(*, dataset: str, split: str, pp: str, global_batch_size: int,
     padded = math.ceil(len(records) / global_batch_size) * global_batch_size
     parsed, batch_ops = preprocess_lib.parse(pp).split_batch_ops()
     ds = grain.MapDataset.range(padded // global_batch_size).map(_Batch(
-        _EvalExample(records, parsed), spec=parsed.spec, first=process_index,
+        _EvalExample(records, parsed), batch_ops, pp, first=process_index,
         stride=process_count, size=local_batch_size))
-    return _iterate(_with_batch_ops(ds, batch_ops), worker_count, read_threads)
+    return _iterate(ds, worker_count, read_threads)

@@ -172,8 +172,8 @@ def test_elementwise_tail_on_the_batch_gives_the_same_batches(train, digits_dir,
 
 
 def test_examples_that_cannot_be_stacked_name_the_key_and_spec():
-    batch = pipeline._Batch(lambda i: {"ok": np.int64(i), "x": np.zeros(i + 1)}, spec="my|pp",
-                            first=0, stride=1, size=2)
+    batch = pipeline._Batch(lambda i: {"ok": np.int64(i), "x": np.zeros(i + 1)},
+                            preprocess.parse(""), "my|pp", first=0, stride=1, size=2)
     with pytest.raises(ValueError, match=r"pp output 'x' cannot be batched: .* of 'my\|pp' must"):
         batch(0)
 
