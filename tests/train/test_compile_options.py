@@ -12,8 +12,8 @@ BATCH = {"image": np.zeros((32, 32, 32, 3), np.float32), "label": np.zeros((32,)
 
 def _library_dots(exp: Experiment) -> tuple[int, int]:
     """(YNNPACK fusions of a dot without a reduction, dot instructions anywhere) in the
-    compiled step's HLO. (YNNPACK's reduction fusions may take in the dot that feeds them, as attention's
-    scores feed the softmax's max: those stay with either choice.)"""
+    compiled step's HLO. (YNNPACK's reduction fusions may take in the dot that feeds them, as
+    attention's scores feed the softmax's max: those stay with either choice.)"""
     hlo = exp.lower_step(exp.train_batch_spec({k: v[0] for k, v in BATCH.items()})).compile()
     text = hlo.as_text()
     bodies = dict(re.findall(r"^(%\S+) .*?\{\n(.*?)\n\}", text, re.M | re.S))
