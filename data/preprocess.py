@@ -22,7 +22,7 @@ import operator
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image, ImageChops, ImageFilter
 
 Example = dict[str, Any]
 Op = Callable[[Example, np.random.Generator], Example]
@@ -496,10 +496,12 @@ def _jitter_range(value, name: str, centre: float, low: float, high: float
 
 def _shift_hue(image: Image.Image, shift: float) -> Image.Image:
     """Rotates hue by `shift` (a fraction of the colour wheel) in PIL's 8-bit HSV, whose hue
-    channel has 256 steps per turn; saturation and value are kept."""
-    hsv = np.frombuffer(image.convert("HSV").tobytes(), np.uint8).reshape(-1, 3).copy()
-    hsv[:, 0] += np.uint8(round(shift * 256) % 256)  # uint8 wraps around the wheel
-    return Image.frombuffer("HSV", image.size, hsv, "raw", "HSV", 0, 1).convert("RGB")
+    channel has 256 steps per turn; saturation and value are kept. The hue band stays in
+    Pillow (`add_modulo` wraps around the wheel): a numpy round trip (`tobytes`, `frombuffer`)
+    cost ~25 us of the ~50 on a 16 x 16 view."""
+    hue, saturation, value = image.convert("HSV").split()
+    hue = ImageChops.add_modulo(hue, Image.new("L", image.size, round(shift * 256) % 256))
+    return Image.merge("HSV", (hue, saturation, value)).convert("RGB")
 
 
 def _blend_with_mean_grey(image: Image.Image, factor: float) -> Image.Image:
