@@ -110,7 +110,7 @@ def get_config(arg=None):
         c.input.batch_size = 64
         # Six views of 16-32 px are ~100 short Pillow calls per example, each passing the GIL:
         # two threads on two cores trade it back and forth and read at ~0.6x one thread's rate
-        # (379-448 vs 636-743 ex/s alone); training is as fast with one (188 vs 189 img/s).
+        # (379-448 vs 636-743 ex/s alone); training is as fast with one (177-181 vs 178-179 img/s).
         c.input.read_threads = 1
         patch, size = 8, 32
         c.model = vit.model_config(width=128, depth=4, mlp_dim=512, num_heads=4,
