@@ -54,12 +54,29 @@ class Dense(nnx.Module):
                      if use_bias else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                                (contract, ((), ())))
+        y = contract_rows(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.n_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+def contract_rows(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+    """x's trailing `n_in` dims contracted with kernel's leading ones, the other dims of x
+    flattened to one row dim for the matmul (x[..., in] @ kernel[in, out] -> [..., out]).
+
+    The flattening is free (a bitcast) and the math is the same, but it shapes the backward
+    pass: the weight gradient contracts that one row dim (rows^T @ grad), which XLA's CPU dots
+    read in place. Contracting (batch, tokens) as two dims made XLA copy an operand of most
+    weight gradients transposed first (a ViT-S/16 step compiles to 172 transposes instead of
+    197). On 2 CPU cores, side by side in one process (30 steps each, median): ViT-S/16 at 112 px
+    3613 -> 3484 ms, ViT-Ti/16 at 224 px 2415 -> 2265 ms.
+    """
+    lead = x.shape[:x.ndim - n_in]
+    if len(lead) > 1:
+        x = x.reshape((-1,) + x.shape[len(lead):])
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+    return y.reshape(lead + y.shape[x.ndim - n_in:])
 
 
 class LayerNorm(nnx.Module):
@@ -235,8 +252,8 @@ class MultiHeadAttention(nnx.Module):
         """(len(denses), B, heads, T, head_dim) if heads_first else (n, B, T, heads, head_dim):
         x through the stacked kernels of `denses` in one matmul, plus their biases."""
         kernel = jnp.stack([d.kernel[...].astype(self.dtype) for d in denses], axis=1)
-        out = "sbhtk" if heads_first else "sbthk"
-        y = jnp.einsum(f"btd,dshk->{out}", x.astype(self.dtype), kernel)
+        y = contract_rows(x.astype(self.dtype), kernel, 1)  # (B, T, n, heads, head_dim)
+        y = y.transpose((2, 0, 3, 1, 4) if heads_first else (2, 0, 1, 3, 4))
         if denses[0].bias is not None:
             bias = jnp.stack([d.bias[...].astype(self.dtype) for d in denses])
             y = y + (bias[:, None, :, None, :] if heads_first else bias[:, None, None])
@@ -263,8 +280,9 @@ class MultiHeadAttention(nnx.Module):
         heads = ("batch", "act_heads", "length", None)
         q, k, v = (constrain(t, heads) for t in (q, k, v))
         y = constrain(attention_bhtd(q, k, v, mask=mask, is_causal=is_causal), heads)
-        # The output projection contracts (heads, head_dim) straight from this layout.
-        y = jnp.einsum("bhtk,hkd->btd", y, self.out.kernel[...].astype(self.dtype))
+        # The output projection contracts (heads, head_dim) of (B*T) rows: XLA makes this
+        # (B, T, heads, head_dim) copy for its dot either way.
+        y = contract_rows(y.transpose(0, 2, 1, 3), self.out.kernel[...].astype(self.dtype), 2)
         if self.out.bias is not None:
             y = y + self.out.bias[...].astype(self.dtype)
         return y
