@@ -1,7 +1,8 @@
 """The CPU fast paths keep the math: attention in the (batch, heads, length, head_dim) layout with
 stacked q/k/v kernels equals `jax.nn.dot_product_attention` on separate projections (values and
-gradients, masks, causal, bfloat16), and the unrolled stack's layer boundary is the identity
-(bitwise, forward and backward) that keeps XLA's fusions from growing with depth."""
+gradients, masks, causal, bfloat16), `contract_rows` is the plain contraction whose weight
+gradient compiles without transposing copies, and the unrolled stack's layer boundary is the
+identity (bitwise, forward and backward) that keeps XLA's fusions from growing with depth."""
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +112,51 @@ def test_unstack_layers_gradient_is_one_concatenate():
         jnp.sum(layer["w"] ** 2) + jnp.sum(layer["b"])
         for layer in transformer.unstack_layers(s, 4))))(stacked))
     assert "concatenate" in jaxpr and "pad" not in jaxpr
+
+
+@pytest.mark.parametrize("n_in", [1, 2])
+def test_contract_rows_is_the_plain_contraction(n_in):
+    keys = jax.random.split(jax.random.key(0), 3)
+    in_shape = (6,) if n_in == 1 else (2, 3)
+    x = jax.random.normal(keys[0], (4, 5) + in_shape)
+    kernel = jax.random.normal(keys[1], in_shape + (7,))
+    g = jax.random.normal(keys[2], (4, 5, 7))
+    axes = "ij"[:n_in]
+
+    def loss(x, kernel):
+        return jnp.sum(layers.contract_rows(x, kernel, n_in) * g)
+
+    tol = dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layers.contract_rows(x, kernel, n_in),
+                               np.einsum(f"bt{axes},{axes}o->bto", x, kernel), **tol)
+    np.testing.assert_allclose(layers.contract_rows(x[0, 0], kernel, n_in),
+                               np.einsum(f"{axes},{axes}o->o", x[0, 0], kernel), **tol)
+    dx, dkernel = jax.grad(loss, (0, 1))(x, kernel)
+    np.testing.assert_allclose(dkernel, np.einsum(f"bt{axes},bto->{axes}o", x, g), **tol)
+    np.testing.assert_allclose(dx, np.einsum(f"{axes}o,bto->bt{axes}", kernel, g), **tol)
+
+
+def test_mlp_weight_gradients_compile_without_transposes(monkeypatch):
+    """With one row dim XLA's CPU weight-gradient dots read (rows, features) operands in place;
+    contracting (batch, tokens) as two dims compiles to a transposing copy per Dense."""
+    mlp = layers.MLP(64, 256, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(mlp, nnx.Param)
+    x = jax.random.normal(jax.random.key(1), (8, 50, 64))
+
+    def transposes():
+        def loss(params):
+            return jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x)))
+        hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+        return sum(" transpose(" in line for line in hlo.splitlines())
+
+    assert transposes() == 0
+
+    def two_dims(x, kernel, n_in):
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        return jax.lax.dot_general(x, kernel, (contract, ((), ())))
+
+    monkeypatch.setattr(layers, "contract_rows", two_dims)
+    assert transposes() == 2
 
 
 def _fused_instructions(hlo: str) -> int:
