@@ -69,7 +69,7 @@ def contract_rows(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
     read in place. Contracting (batch, tokens) as two dims made XLA copy an operand of most
     weight gradients transposed first (a ViT-S/16 step compiles to 172 transposes instead of
     197). On 2 CPU cores, side by side in one process (30 steps each, median): ViT-S/16 at 112 px
-    3613 -> 3484 ms, ViT-Ti/16 at 224 px 2415 -> 2265 ms.
+    3613 -> 3484 ms, ViT-Ti/16 at 224 px 2415 -> 2265 ms (0-2% and even in other such runs).
     """
     lead = x.shape[:x.ndim - n_in]
     if len(lead) > 1:
