@@ -14,7 +14,9 @@ only fix the shapes and make the two sides of a PyTorch comparison do the same w
   batch has the preset's shapes and no download is needed; evaluators are dropped.
 
 The quick set (`vistax bench` without --cases) takes about 8 minutes on 2 CPU cores; `all`
-adds larger models.
+adds larger models. The `accelerator` set is sized for one GPU or TPU chip: ViT-B/16 and CLIP
+B/16 at 224 px in bfloat16 (float32 parameters) with a batch of 256, the presets' compute; it is
+refused on CPU, where one of its steps would take many minutes.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Case:
     overrides: dict = dataclasses.field(default_factory=dict)  # dotted key -> value
     torch: str | None = None  # "vit" | "two_towers": the PyTorch equivalent; None: no reference
     quick: bool = True  # part of the default set
+    accelerator: bool = False  # sized for a GPU/TPU chip: only in the `accelerator` set
 
     def build_config(self, data_dir: str | None = None) -> ml_collections.ConfigDict:
         """The config `Experiment` gets: the file's preset with the overrides, no evaluators."""
@@ -68,14 +71,26 @@ class Case:
         return config
 
 
-def _imagenet_vit(variant: str, size: int, batch: int) -> dict:
+def _imagenet_vit(variant: str, size: int, batch: int, plain: dict = _PLAIN) -> dict:
     """configs/vit.py's ImageNet preset pp (random-resized crop to `size`) on `digits`."""
     from vistax.configs import vit  # pylint: disable=import-outside-toplevel
 
     pp = vit.get_config(variant).input.pp.replace("random_resized_crop(224",
                                                   f"random_resized_crop({size}")
-    return {**_PLAIN, "model.scan": False, "input.dataset": "digits", "input.batch_size": batch,
+    return {**plain, "model.scan": False, "input.dataset": "digits", "input.batch_size": batch,
             "input.worker_count": 0, "input.pp": pp, "model.image_size": size}
+
+
+# The accelerator cases keep the presets' bfloat16 compute; a batch of 256 at 224 px and no
+# remat fit one 80 GB GPU: compiled for TPU v5p (`vistax plan`, 4 chips, 64 examples each),
+# the steps peak at 7.8 GB (ViT-B/16) and 7.3 GB (CLIP B/16) per chip, ~30 GB for 256.
+ACCELERATOR_BATCH = 256
+# The presets' input workers: an accelerator host has the cores, and the pipeline column says
+# whether they keep up with the step.
+ACCELERATOR_WORKERS = 8
+_BF16_PLAIN = {key: value for key, value in _PLAIN.items() if key != "model.dtype"}
+_BF16_TOWERS = {f"model.{tower}.{key}": value for tower in ("image", "text")
+                for key, value in (("remat", "none"), ("scan", False))}
 
 
 CASES: dict[str, Case] = {c.name: c for c in (
@@ -116,20 +131,37 @@ CASES: dict[str, Case] = {c.name: c for c in (
                                  "method='bicubic')|flip_lr|value_range(0, 1)|keep('image')")}),
     Case("perceiver_shapes", "perceiver:shapes", "configs/perceiver.py:shapes: 1024 pixel "
          "tokens of 32 px shapes, 64 x 128 latents", overrides=dict(_FP32), quick=False),
+    # --cases=accelerator: GPU/TPU only.
+    Case("vit_b16_224_bf16", "vit:B/16", "ViT-B/16 at 224 px, 1000 classes, bfloat16 compute "
+         "(the ImageNet preset's model and pp)", torch="vit", quick=False, accelerator=True,
+         overrides={**_imagenet_vit("B/16", 224, ACCELERATOR_BATCH, _BF16_PLAIN),
+                    "input.worker_count": ACCELERATOR_WORKERS}),
+    Case("clip_b16_224_bf16", "clip:B/16,tokenizer=bytes", "CLIP B/16 (Radford et al. 2021, "
+         "Table 19/20 towers) at 224 px, 77 byte tokens, bfloat16 compute, on `shapes`",
+         torch="two_towers", quick=False, accelerator=True,
+         overrides={**_BF16_TOWERS, "input.dataset": "shapes",
+                    "input.worker_count": ACCELERATOR_WORKERS,
+                    "input.batch_size": ACCELERATOR_BATCH,
+                    # 32 epochs of `shapes` are fewer steps than the preset's 2000 warmup ones
+                    "duration": "10000 steps"}),
 )}
 
 QUICK = tuple(name for name, case in CASES.items() if case.quick) + (CHECKPOINT,)
-ALL = tuple(CASES) + (CHECKPOINT,)
+ALL = tuple(name for name, case in CASES.items() if not case.accelerator) + (CHECKPOINT,)
+ACCELERATOR = tuple(name for name, case in CASES.items() if case.accelerator)
 
 
 def parse_cases(text: str | None) -> tuple[list[Case], str | None]:
     """`--cases` -> (training cases in order, case whose state the checkpoint bench saves or
-    None). Empty: the quick set; `all`: every case; `checkpoint[:<case>]` adds the save timing."""
+    None). Empty: the quick set; `all`: every case but the accelerator ones; `accelerator`:
+    those; `checkpoint[:<case>]` adds the save timing."""
     names = [n.strip() for n in (text or "").split(",") if n.strip()]
     if not names:
         names = list(QUICK)
     elif names == ["all"]:
         names = list(ALL)
+    elif names == ["accelerator"]:
+        names = list(ACCELERATOR)
     cases, checkpoint = [], None
     for name in names:
         head, sep, target = name.partition(":")
@@ -140,7 +172,7 @@ def parse_cases(text: str | None) -> tuple[list[Case], str | None]:
             continue
         if name not in CASES:
             raise ValueError(f"--cases: unknown case {name!r}; cases: {sorted(CASES)}, "
-                             f"'{CHECKPOINT}[:<case>]' or 'all'.")
+                             f"'{CHECKPOINT}[:<case>]', 'all' or 'accelerator'.")
         if CASES[name] not in cases:
             cases.append(CASES[name])
     return cases, checkpoint

@@ -4,9 +4,10 @@
   "schema": "vistax-bench/1", "created": ISO time, "argv": [...],
   "host": {platform, device_kind, devices, cpu_cores, jax, jaxlib, numpy, torch (or null),
            torch_threads},
-  "protocol": {steps, warmup, statistic: "median", dtype: "float32", optimizer: "adamw"},
+  "protocol": {steps, warmup, statistic: "median", optimizer: "adamw"},
   "peak": {size, numpy, xla, best (FLOP/s of a size^2 float32 matmul), used, source},
   "cases": [{name, config, description, overrides, batch_size, shapes {key: [dims]},
+             dtype (compute dtype: "float32", or "bfloat16" with float32 parameters),
              params, flops_per_step, flops_source,
              jax {first_step_s, step_s {median, mean, min, max, p10, p90, n}, examples_per_s,
                   flops_per_s, mfu},
@@ -89,12 +90,22 @@ BIG_VISION_TARGET = 1.3
 MFU_CASE, MFU_TARGET = "vit_s16_112", 0.60
 PIPELINE_TARGET = 3.0
 CHECKPOINT_TARGET_PCT = 5.0
+# On a GPU/TPU chip: ViT-B/16 training in bfloat16 at half the chip's bf16 peak or more.
+ACCELERATOR_MFU_CASE, ACCELERATOR_MFU_TARGET = "vit_b16_224_bf16", 0.50
 
 
-def goals(cases: list[dict], checkpoint: dict | None) -> list[dict]:
+def goals(cases: list[dict], checkpoint: dict | None, host: dict | None = None) -> list[dict]:
+    """The goals this run measured; `host` (the report's) says whether an accelerator ran."""
     out = []
+    accelerator = bool(host) and host.get("platform") not in (None, "cpu")
     for case in cases:
         name = case["name"]
+        if (accelerator and name == ACCELERATOR_MFU_CASE and case["jax"]["mfu"] is not None):
+            out.append(dict(goal=f"MFU >= {ACCELERATOR_MFU_TARGET:.0%} of the "
+                            f"{host.get('device_kind') or host['platform']}'s peak",
+                            case=name, measured=case["jax"]["mfu"],
+                            target=ACCELERATOR_MFU_TARGET,
+                            met=case["jax"]["mfu"] >= ACCELERATOR_MFU_TARGET))
         if name in RATIO_CASES and case["ratio"] is not None:
             out.append(dict(goal="JAX step at least as fast as PyTorch eager (ratio >= 1)",
                             case=name, measured=case["ratio"], target=1.0,
@@ -145,16 +156,30 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[st
     return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
 
 
+def _grouped(cases: list[dict], text_of) -> str:
+    """`text_of(case)` for every case, the cases named where the texts differ."""
+    groups: dict[str, list[str]] = {}
+    for c in cases:
+        groups.setdefault(text_of(c), []).append(c["name"])
+    if len(groups) <= 1:
+        return next(iter(groups), "-")
+    return "; ".join(f"{text} ({', '.join(names)})" for text, names in groups.items())
+
+
 def _compiler_options(cases: list[dict]) -> str:
     """The XLA compiler options the cases' steps were jitted with (config `xla_cpu_dots`), with
     the cases named where they differ."""
-    groups: dict[str, list[str]] = {}
-    for c in cases:
-        options = ", ".join(f"{k}={v}" for k, v in sorted(c.get("compiler_options", {}).items()))
-        groups.setdefault(options or "XLA's default options", []).append(c["name"])
-    if len(groups) == 1:
-        return next(iter(groups))
-    return "; ".join(f"{text} ({', '.join(names)})" for text, names in groups.items())
+    return _grouped(cases, lambda c: ", ".join(
+        f"{k}={v}" for k, v in sorted(c.get("compiler_options", {}).items()))
+        or "XLA's default options")
+
+
+def _dtypes(cases: list[dict]) -> str:
+    def text(case):  # reports written before the accelerator cases had float32 cases only
+        dtype = case.get("dtype", "float32")
+        return dtype if dtype == "float32" else f"{dtype} compute, float32 parameters"
+
+    return _grouped(cases, text)
 
 
 def format_report(report: dict) -> str:
@@ -164,7 +189,8 @@ def format_report(report: dict) -> str:
     lines = [
         f"vistax bench: {host['devices']} x {host['device_kind']} ({host['platform']}), "
         f"{host['cpu_cores']} CPU cores; jax {host['jax']}, {torch_text}",
-        f"protocol: {proto['dtype']}, {proto['optimizer']}, full forward+backward+update, "
+        f"protocol: {_dtypes(report['cases'])}; {proto['optimizer']}, full "
+        "forward+backward+update, "
         f"median of {proto['steps']} steps after {proto['warmup']} warm-up",
         f"environment: GLIBC_TUNABLES={host.get('glibc_tunables') or '(unset)'}, "
         f"XLA_FLAGS={host.get('xla_flags') or '(unset)'}",

@@ -5,7 +5,8 @@ dataset), the input pipeline is timed alone and its first batch kept; the train 
 timed on that batch, placed on the devices once (so neither the pipeline nor the host-to-device
 copy is in the step time), beside it, on the same batch, big_vision's ViT written in linen
 (linen_vit.py, ViT cases) and, where a PyTorch equivalent exists and torch imports, the same
-step in PyTorch, taking turns in short rounds (timing.time_interleaved). On a CPU the step
+step in PyTorch (under `torch.autocast` to bfloat16 where the case computes in bfloat16),
+taking turns in short rounds (timing.time_interleaved). On a CPU the step
 runs on one device (XLA's thread pool uses every core; simulated devices would only split
 them) and PyTorch gets as many threads as the process may use cores. Model FLOPs are the
 objective's analytic count (3 x forward x batch, the MFU convention of train/metrics.py); an
@@ -57,6 +58,32 @@ def _torch(mode: str):
         return None, f"torch not importable: {type(e).__name__}"
     torch.set_num_threads(cpu_cores())
     return torch, "ok"
+
+
+def compute_dtype(config) -> str:
+    """The case's compute dtype: every `dtype` key of `config.model` (towers included) agrees,
+    else they are listed."""
+    found = set()
+
+    def visit(node):
+        for key, value in node.items():
+            if hasattr(value, "items"):
+                visit(value)
+            elif key == "dtype":
+                found.add(value)
+
+    visit(config.model)
+    return "/".join(sorted(found)) or "float32"
+
+
+def check_platform(selected: list, platform_name: str) -> None:
+    """The accelerator cases are refused on CPU: one step of theirs takes minutes there."""
+    refused = [case.name for case in selected if case.accelerator and platform_name == "cpu"]
+    if refused:
+        raise ValueError(
+            f"--cases: {', '.join(refused)} are sized for a GPU/TPU chip (bfloat16, batch "
+            f"{cases_lib.ACCELERATOR_BATCH} at 224 px) and JAX runs on cpu here; on CPU time "
+            "vit_b16_224 or clip_s16_112 (float32).")
 
 
 def _count(tree) -> int:
@@ -201,6 +228,7 @@ def bench_case(case: cases_lib.Case, *, steps: int, warmup: int, peak: float, de
         "name": case.name, "config": case.config, "description": case.description,
         "overrides": dict(case.overrides), "batch_size": batch_size,
         "shapes": {k: list(v.shape) for k, v in local.items()},
+        "dtype": compute_dtype(config),
         "params": _count(state["params"]), "flops_per_step": flops, "flops_source": source,
         "compiler_options": exp.compiler_options or {},
         "jax": jax_out, "torch": torch_out, "ratio": ratio, "big_vision": bv_out,
@@ -222,6 +250,7 @@ def run(cases: str | None = None, *, steps: int = 12, warmup: int = 3, torch_mod
         print(text, file=sys.stderr, flush=True)
 
     devices = _devices()
+    check_platform(selected, devices[0].platform)
     torch, torch_status = _torch(torch_mode)
     log(f"measuring the {peak_size}^2 float32 matmul peak ...")
     measured = timing.matmul_peak(peak_size, numpy_too=devices[0].platform == "cpu")
@@ -248,26 +277,27 @@ def run(cases: str | None = None, *, steps: int = 12, warmup: int = 3, torch_mod
         del exp, state
     import jaxlib  # pylint: disable=import-outside-toplevel
 
+    host = {"platform": devices[0].platform,
+            "device_kind": getattr(devices[0], "device_kind", ""),
+            "devices": len(devices), "cpu_cores": cpu_cores(),
+            "machine": platform.machine(), "python": platform.python_version(),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "jax": jax.__version__, "jaxlib": jaxlib.__version__, "numpy": np.__version__,
+            "torch": torch.__version__ if torch else None,
+            "torch_threads": torch.get_num_threads() if torch else None}
     report = {
         "schema": report_lib.SCHEMA,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "argv": list(argv or sys.argv),
-        "host": {"platform": devices[0].platform,
-                 "device_kind": getattr(devices[0], "device_kind", ""),
-                 "devices": len(devices), "cpu_cores": cpu_cores(),
-                 "machine": platform.machine(), "python": platform.python_version(),
-                 "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-                 "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                 "jax": jax.__version__, "jaxlib": jaxlib.__version__, "numpy": np.__version__,
-                 "torch": torch.__version__ if torch else None,
-                 "torch_threads": torch.get_num_threads() if torch else None},
+        "host": host,
         "protocol": {"steps": steps, "warmup": warmup, "statistic": "median",
-                     "dtype": "float32", "optimizer": "adamw",
+                     "optimizer": "adamw",
                      "step": "full forward + backward + update, one step at a time"},
         "peak": {**measured, "used": peak, "source": peak_source},
         "cases": results,
         "checkpoint": checkpoint,
-        "goals": report_lib.goals(results, checkpoint),
+        "goals": report_lib.goals(results, checkpoint, host),
     }
     print(report_lib.format_report(report), file=out, end="", flush=True)
     if json_path:

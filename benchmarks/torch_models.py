@@ -1,4 +1,4 @@
-"""PyTorch equivalents of vistax's models, timed beside them on the same batch (eager, fp32).
+"""PyTorch equivalents of vistax's models, timed beside them on the same batch (eager).
 
 `ViT` is timm's `VisionTransformer` written in plain torch (timm itself imports torchvision,
 which does not install beside this project's torch): pre-norm blocks, a fused qkv Linear,
@@ -16,11 +16,15 @@ for the sigmoid loss, a learned bias; parameter counts equal ours as well.
 `make_trainer` returns one training step (zero_grad, forward, loss, backward, AdamW step) on
 a fixed batch: `torch.optim.AdamW` with the config's lr, betas, eps and weight decay on weight
 matrices only (our `param_groups.wd_mask` decays kernels only), global-norm clipping when the
-config clips, CLIP's temperature clamp after the step.
+config clips, CLIP's temperature clamp after the step. A config that computes in bfloat16
+(float32 parameters, bfloat16 matmuls) gets PyTorch's mixed-precision recipe, the forward and
+loss under `torch.autocast(dtype=torch.bfloat16)` (`compute_context`): timm's and open_clip's
+`--amp --amp-dtype bfloat16`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -39,6 +43,32 @@ ACTIVATIONS = {
 
 class Unsupported(ValueError):
     """The config uses a feature the PyTorch equivalent does not have."""
+
+
+# Our compute dtypes -> the autocast dtype of the PyTorch equivalent (None: no autocast).
+AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def _check_dtype(cfg, what: str) -> None:
+    if cfg.dtype not in AUTOCAST:
+        raise Unsupported(f"the PyTorch {what} has no {cfg.dtype} compute (dtype={cfg.dtype!r}; "
+                          f"it has {sorted(AUTOCAST)})")
+
+
+def compute_context(kind: str, model_config, device: str = "cpu"):
+    """The context the forward and loss run in: `torch.autocast` to bfloat16 where the config
+    computes in bfloat16 (both towers must agree), else none."""
+    towers = ([model_config] if kind == "vit"
+              else [model_config.image, model_config.text])
+    dtypes = {t.dtype for t in towers}
+    if len(dtypes) > 1:
+        raise Unsupported(f"the PyTorch towers compute in one dtype; the config has {dtypes}")
+    for tower in towers:
+        _check_dtype(tower, "model")
+    dtype = AUTOCAST[dtypes.pop()]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 class Attention(nn.Module):
@@ -91,11 +121,12 @@ def _check_vit(cfg) -> None:
         "pool": cfg.pool not in ("cls", "gap"), "num_registers": cfg.num_registers,
         "representation_size": cfg.representation_size, "head_norm": cfg.head_norm != "none",
         "layer_scale": cfg.layer_scale, "mask_token": cfg.mask_token,
-        "drop_path": cfg.drop_path, "dropout": cfg.dropout, "dtype": cfg.dtype != "float32",
+        "drop_path": cfg.drop_path, "dropout": cfg.dropout,
     }
     found = [f"{k}={getattr(cfg, k)!r}" for k, bad in unsupported.items() if bad]
     if found:
         raise Unsupported(f"the PyTorch ViT has no {', '.join(found)}")
+    _check_dtype(cfg, "ViT")
 
 
 def _init_linears(module: nn.Module) -> None:
@@ -148,9 +179,9 @@ class TextTransformer(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        if cfg.pool == "cls" or cfg.drop_path or cfg.dropout or cfg.dtype != "float32":
-            raise Unsupported("the PyTorch text tower has no cls pooling, dropout, drop path or "
-                              "low-precision compute")
+        if cfg.pool == "cls" or cfg.drop_path or cfg.dropout:
+            raise Unsupported("the PyTorch text tower has no cls pooling, dropout or drop path")
+        _check_dtype(cfg, "text tower")
         self.cfg = cfg
         # Plain parameters (not nn.Embedding): not "weight"s, so no weight decay, as ours.
         self.token_embedding = nn.Parameter(0.02 * torch.randn(cfg.vocab_size, cfg.width))
@@ -317,12 +348,14 @@ def make_trainer(kind: str, model_config, config, batch: dict, *, seed: int = 0,
         lr=float(config.schedule.base_lr), betas=(float(opt.b1), float(opt.b2)),
         eps=float(opt.eps))
     loss_fn = (_classification if kind == "vit" else _contrastive)(model, batch, config, device)
+    context = compute_context(kind, model_config, device)
     clip = config.get("grad_clip_norm")
     max_log_t = config.loss.get("max_log_temperature") if kind == "two_towers" else None
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn()
+        with context:
+            loss = loss_fn()
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip))

@@ -13,9 +13,9 @@
   vistax plan --config=configs/dino.py:g/14 --topology=v5e:16x16 [--num_slices=N]
       [--json=FILE] [--epoch_size=N]   # compile the train step for a TPU topology (libtpu):
       # per-device memory, fits or not (exit 1 if not), FLOPs, step time and MFU bounds
-  vistax bench [--cases=vit_ti16_224,vit_s16_112,...|all] [--steps=12 --warmup=3]
+  vistax bench [--cases=vit_ti16_224,vit_s16_112,...|all|accelerator] [--steps=12 --warmup=3]
       [--json=FILE] [--torch=auto|off]   # train-step, input-pipeline and checkpoint timings,
-      # side by side with PyTorch equivalents (benchmarks/)
+      # side by side with PyTorch equivalents (benchmarks/); accelerator: bf16 B/16 on a GPU/TPU
 
 Multi-process runs: every process runs the same command, with --distributed=auto on TPU VMs
 (jax.distributed finds its peers), --distributed=slurm under srun (launch/distributed.py reads
@@ -401,7 +401,9 @@ def _plan() -> None:
 
 _BENCH_CASES = flags.DEFINE_string(
     "cases", None, "bench: comma-separated case names (benchmarks/cases.py; default: the quick "
-    "set), or 'all'; 'checkpoint[:CASE]' also times a checkpoint save of CASE's train state.")
+    "set), 'all' (every CPU-sized case) or 'accelerator' (bfloat16 ViT-B/16 and CLIP B/16 at "
+    "batch 256, GPU/TPU only); 'checkpoint[:CASE]' also times a checkpoint save of CASE's "
+    "train state.")
 _BENCH_STEPS = flags.DEFINE_integer("steps", 12, "bench: timed steps per case (median reported).",
                                     lower_bound=1)
 _BENCH_WARMUP = flags.DEFINE_integer("warmup", 3, "bench: untimed steps first (the first "
@@ -414,9 +416,12 @@ _BENCH_PEAK_SIZE = flags.DEFINE_integer("peak_size", 4096, "bench: side of the f
 
 def _bench() -> None:
     """`vistax bench`: the tables on stdout, --json=FILE for the report (benchmarks/run.py)."""
+    import jax  # pylint: disable=import-outside-toplevel
+
     from vistax.benchmarks import cases, run
     try:
-        cases.parse_cases(_BENCH_CASES.value)
+        selected, _ = cases.parse_cases(_BENCH_CASES.value)
+        run.check_platform(selected, jax.local_devices()[0].platform)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     run.run(_BENCH_CASES.value, steps=_BENCH_STEPS.value, warmup=_BENCH_WARMUP.value,

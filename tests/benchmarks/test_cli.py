@@ -57,3 +57,10 @@ def test_unknown_case_is_a_usage_error(tmp_path):
     result = bench("--cases=vit_huge", cwd=str(tmp_path))
     assert result.returncode != 0
     assert "unknown case 'vit_huge'" in result.stderr
+
+
+def test_accelerator_cases_are_a_usage_error_on_cpu(tmp_path):
+    result = bench("--cases=accelerator", cwd=str(tmp_path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "are sized for a GPU/TPU chip" in result.stderr
+    assert "vit_b16_224_bf16" in result.stderr

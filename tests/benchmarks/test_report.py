@@ -21,7 +21,7 @@ def fake_case(name="vit_s16_112", torch_ok=True):
                    "mfu": 0.5} if torch_ok else {"status": "no reference"})
     return {"name": name, "config": "vit:S/16", "description": "d", "overrides": {},
             "batch_size": 64, "shapes": {"image": [64, 112, 112, 3], "labels": [64, 1000]},
-            "params": 10, "flops_per_step": 1e11, "flops_source": "analytic",
+            "dtype": "float32", "params": 10, "flops_per_step": 1e11, "flops_source": "analytic",
             "compiler_options": {"xla_cpu_experimental_ynn_fusion_type": "A,B"},
             "jax": jax_side, "torch": torch_side, "ratio": 1.25 if torch_ok else None,
             "big_vision": ({"status": "ok", "params": 10, "first_step_s": 3.0,
@@ -42,8 +42,7 @@ def fake_report():
     return {"schema": report.SCHEMA, "created": "2025-01-01T00:00:00+00:00", "argv": ["x"],
             "host": {"platform": "cpu", "device_kind": "cpu", "devices": 1, "cpu_cores": 2,
                      "jax": "0", "torch": "2", "torch_threads": 2},
-            "protocol": {"steps": 3, "warmup": 1, "statistic": "median", "dtype": "float32",
-                         "optimizer": "adamw"},
+            "protocol": {"steps": 3, "warmup": 1, "statistic": "median", "optimizer": "adamw"},
             "peak": {"size": 64, "numpy": 1.6e11, "xla": 1.5e11, "best": 1.6e11,
                      "used": 1.6e11, "source": "measured"},
             "cases": case_list, "checkpoint": checkpoint,
@@ -94,6 +93,25 @@ def test_goals_and_tables():
     rep["cases"][1]["compiler_options"] = {}
     assert ("JAX steps compiled with xla_cpu_experimental_ynn_fusion_type=A,B (vit_s16_112); "
             "XLA's default options (mae_tiny);") in report.format_report(rep)
+    assert "protocol: float32; adamw" in text
+    rep["cases"][1]["dtype"] = "bfloat16"
+    del rep["cases"][0]["dtype"]  # a report written before cases had a dtype: float32
+    assert ("protocol: float32 (vit_s16_112); bfloat16 compute, float32 parameters (mae_tiny); "
+            "adamw") in report.format_report(rep)
+
+
+def test_the_accelerator_mfu_goal_is_judged_on_an_accelerator_only():
+    case = fake_case("vit_b16_224_bf16")
+    case["jax"]["mfu"] = 0.52
+    host = {"platform": "gpu", "device_kind": "NVIDIA H100 80GB HBM3"}
+    (goal,) = [g for g in report.goals([case], None, host) if g["case"] == "vit_b16_224_bf16"
+               and "MFU" in g["goal"]]
+    assert goal["met"] and goal["target"] == 0.5
+    assert goal["goal"] == "MFU >= 50% of the NVIDIA H100 80GB HBM3's peak"
+    case["jax"]["mfu"] = 0.41
+    assert not [g for g in report.goals([case], None, host) if "MFU" in g["goal"]][0]["met"]
+    for cpu in (None, {"platform": "cpu", "device_kind": "cpu"}):
+        assert not [g for g in report.goals([case], None, cpu) if "MFU" in g["goal"]]
 
 
 def test_parse_cases():
@@ -101,7 +119,10 @@ def test_parse_cases():
     assert [c.name for c in quick] == [n for n in cases.QUICK if n != cases.CHECKPOINT]
     assert checkpoint == cases.CHECKPOINT_DEFAULT_CASE
     everything, _ = cases.parse_cases("all")
-    assert len(everything) == len(cases.CASES)
+    accelerator, checkpoint = cases.parse_cases("accelerator")
+    assert checkpoint is None and accelerator and all(c.accelerator for c in accelerator)
+    assert len(everything) + len(accelerator) == len(cases.CASES)
+    assert not any(c.accelerator for c in everything)
     chosen, checkpoint = cases.parse_cases("vit_tiny, checkpoint:vit_tiny,vit_tiny")
     assert [c.name for c in chosen] == ["vit_tiny"] and checkpoint == "vit_tiny"
     assert cases.parse_cases("clip_tiny")[1] is None
@@ -123,3 +144,35 @@ def test_every_case_builds_its_config():
     bad = cases.Case("bad", "vit:tiny", "d", overrides={"model.dtpye": "float32"})
     with pytest.raises(ValueError, match="model.dtpye"):
         bad.build_config()
+
+
+def test_accelerator_cases_compute_in_bfloat16_and_are_refused_on_cpu():
+    from vistax.benchmarks import run  # pylint: disable=import-outside-toplevel
+
+    accelerator, _ = cases.parse_cases("accelerator")
+    assert {c.name for c in accelerator} == {"vit_b16_224_bf16", "clip_b16_224_bf16"}
+    for case in accelerator:
+        config = case.build_config()
+        assert run.compute_dtype(config) == "bfloat16"
+        assert config.input.batch_size == cases.ACCELERATOR_BATCH
+        towers = [config.model.image, config.model.text] if "image" in config.model else [
+            config.model]
+        for tower in towers:
+            assert tower.param_dtype == "float32" and tower.remat == "none"
+    assert run.compute_dtype(cases.CASES["clip_tiny"].build_config()) == "float32"
+    with pytest.raises(ValueError, match="clip_b16_224_bf16 are sized for a GPU/TPU chip"):
+        run.check_platform(accelerator, "cpu")
+    run.check_platform(accelerator, "gpu")
+    run.check_platform(cases.parse_cases("all")[0], "cpu")
+
+
+@pytest.mark.parametrize("name", cases.ACCELERATOR)
+def test_accelerator_cases_build_the_trainer(name):
+    """What `vistax bench` builds on a GPU before its first step (config checks, schedule,
+    optimizer, model shapes), here on CPU."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    from vistax.train.experiment import Experiment  # pylint: disable=import-outside-toplevel
+
+    exp = Experiment(cases.CASES[name].build_config(), devices=jax.devices()[:1])
+    assert exp.flops_per_step > 2.5e13  # B/16 towers at 224 px, 256 examples, x3 for backward
