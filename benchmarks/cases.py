@@ -49,7 +49,7 @@ class Case:
     config: str  # "<file in configs/ without .py>:<argument>", e.g. "vit:S/16,variant=Ti/16"
     description: str
     overrides: dict = dataclasses.field(default_factory=dict)  # dotted key -> value
-    torch: str | None = None  # "vit" | "two_towers": the PyTorch equivalent; None: no reference
+    torch: str | None = None  # a kind of torch_trainers.REFERENCES; None: no PyTorch reference
     quick: bool = True  # part of the default set
     accelerator: bool = False  # sized for a GPU/TPU chip: only in the `accelerator` set
 
@@ -106,7 +106,7 @@ CASES: dict[str, Case] = {c.name: c for c in (
          "configs/clip.py:tiny: 48 px image tower and causal byte text tower (width 96, depth 3), "
          "softmax loss", overrides=dict(_FP32_TOWERS), torch="two_towers"),
     Case("mae_tiny", "mae:tiny", "configs/mae.py:tiny: ViT encoder on the 25% visible patches "
-         "of 32 px digits and a 2-block decoder", overrides=dict(_FP32)),
+         "of 32 px digits and a 2-block decoder", overrides=dict(_FP32), torch="mae"),
     Case("dino_tiny", "dino:tiny", "configs/dino.py:tiny: student on 2 x 32 px + 4 x 16 px "
          "crops, EMA teacher on the 2 global crops, 1024 prototypes", overrides=dict(_FP32)),
     Case("perceiver_tiny", "perceiver:tiny", "configs/perceiver.py:tiny: 256 pixel tokens of "
@@ -124,7 +124,7 @@ CASES: dict[str, Case] = {c.name: c for c in (
     Case("vit_b16_224", "vit:B/16", "ViT-B/16 at 224 px, 1000 classes (the ImageNet preset, fp32)",
          overrides=_imagenet_vit("B/16", 224, 16), torch="vit", quick=False),
     Case("mae_s16_112", "mae:B/16", "MAE with a ViT-S/16 encoder at 112 px and the paper's "
-         "8 x 512 decoder, 75% masked", quick=False,
+         "8 x 512 decoder, 75% masked", torch="mae", quick=False,
          overrides={**_FP32, "model.variant": "S/16", "model.image_size": 112,
                     "input.dataset": "digits", "input.batch_size": 64, "input.worker_count": 0,
                     "input.pp": ("decode|random_resized_crop(112, scale=(0.2, 1.0), "

@@ -127,18 +127,17 @@ def _torch_trainer(case, exp, local_batch, torch, torch_status):
         return None, "no reference"
     if torch is None:
         return None, torch_status
-    from vistax.benchmarks import torch_models  # pylint: disable=import-outside-toplevel
+    from vistax.benchmarks import torch_trainers  # pylint: disable=import-outside-toplevel
 
     platform_name = exp.mesh.devices.flat[0].platform
     device = _torch_device(torch, platform_name)
     if device is None:
         return None, f"no reference: torch has no {platform_name} device here"
-    model_config = (exp.objective.vit_config if case.torch == "vit"
-                    else exp.objective.model_config)
+    model_config = torch_trainers.REFERENCES[case.torch].model_config(exp.objective)
     try:
-        step, model = torch_models.make_trainer(case.torch, model_config, exp.config,
-                                                local_batch, device=device)
-    except torch_models.Unsupported as e:
+        step, model = torch_trainers.make_trainer(case.torch, model_config, exp.config,
+                                                  local_batch, device=device)
+    except torch_trainers.Unsupported as e:
         return None, f"no reference: {e}"
     sync = (lambda _: torch.cuda.synchronize()) if device == "cuda" else None
     return ((step, sync), model), "ok"

@@ -24,7 +24,6 @@ loss under `torch.autocast(dtype=torch.bfloat16)` (`compute_context`): timm's an
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -53,22 +52,6 @@ def _check_dtype(cfg, what: str) -> None:
     if cfg.dtype not in AUTOCAST:
         raise Unsupported(f"the PyTorch {what} has no {cfg.dtype} compute (dtype={cfg.dtype!r}; "
                           f"it has {sorted(AUTOCAST)})")
-
-
-def compute_context(kind: str, model_config, device: str = "cpu"):
-    """The context the forward and loss run in: `torch.autocast` to bfloat16 where the config
-    computes in bfloat16 (both towers must agree), else none."""
-    towers = ([model_config] if kind == "vit"
-              else [model_config.image, model_config.text])
-    dtypes = {t.dtype for t in towers}
-    if len(dtypes) > 1:
-        raise Unsupported(f"the PyTorch towers compute in one dtype; the config has {dtypes}")
-    for tower in towers:
-        _check_dtype(tower, "model")
-    dtype = AUTOCAST[dtypes.pop()]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 class Attention(nn.Module):
@@ -129,7 +112,7 @@ def _check_vit(cfg) -> None:
     _check_dtype(cfg, "ViT")
 
 
-def _init_linears(module: nn.Module) -> None:
+def init_linears(module: nn.Module) -> None:
     """timm's init: truncated normal(0.02) weights, zero biases."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
@@ -159,17 +142,30 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(d, eps=cfg.layernorm_eps)
         self.head = nn.Linear(d, cfg.num_classes) if cfg.num_classes else None
-        _init_linears(self)
+        init_linears(self)
 
-    def forward(self, images):
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.cls_token is not None)
+
+    def tokens(self, images, keep=None):
+        """The encoder's input: [cls] + embedded patches with their positions; `keep` (B, K)
+        int64 picks the patches to encode (MAE's visible ones), as ours."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embedding
+        if keep is not None:
+            x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        if self.pre_norm is not None:
-            x = self.pre_norm(x)
+        return x if self.pre_norm is None else self.pre_norm(x)
+
+    def encode(self, x):
+        """The blocks and the final LayerNorm (our `encoder`)."""
         for block in self.blocks:
             x = block(x)
-        x = self.norm(x)
+        return self.norm(x)
+
+    def forward(self, images):
+        x = self.encode(self.tokens(images))
         pooled = x[:, 0] if self.cls_token is not None else x.mean(dim=1)
         return pooled if self.head is None else self.head(pooled)
 
@@ -188,7 +184,7 @@ class TextTransformer(nn.Module):
         self.pos_embedding = nn.Parameter(0.01 * torch.randn(cfg.max_len, cfg.width))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.layernorm_eps)
-        _init_linears(self)
+        init_linears(self)
 
     def forward(self, tokens):
         cfg = self.cfg
@@ -243,16 +239,51 @@ def _t(x) -> torch.Tensor:
     return torch.from_numpy(np.array(x, np.float32))  # a writable copy
 
 
-def load_vit_params(model: ViT, params: dict) -> None:
-    """Copies our ViT's parameters (`nnx.state(vit, nnx.Param).to_pure_dict()`, blocks stacked
-    on a leading layers axis) into the PyTorch ViT."""
-    d = model.cfg.width
+def encoder_state(encoder: dict, depth: int, width: int, qkv_bias: bool, prefix: str = "blocks.",
+                  norm: str | None = "norm") -> dict:
+    """PyTorch state of `depth` Blocks (named `<prefix><i>.`) and, under `norm`, the final
+    LayerNorm, from our `Encoder`'s parameters (blocks stacked on a leading layers axis)."""
+    d = width
+    blocks = encoder["blocks"]
+    attn = blocks["attn"]
+    sd = {}
+    if norm:
+        sd[f"{norm}.weight"] = _t(encoder["norm"]["scale"])
+        sd[f"{norm}.bias"] = _t(encoder["norm"]["bias"])
+    for i in range(depth):
+        pre = f"{prefix}{i}."
+        sd[pre + "attn.qkv.weight"] = _t(np.concatenate(
+            [np.asarray(attn[n]["kernel"][i]).reshape(d, d).T for n in ("query", "key", "value")]))
+        if qkv_bias:
+            sd[pre + "attn.qkv.bias"] = _t(np.concatenate(
+                [np.asarray(attn[n]["bias"][i]).reshape(d) for n in ("query", "key", "value")]))
+        sd[pre + "attn.proj.weight"] = _t(np.asarray(attn["out"]["kernel"][i]).reshape(d, d).T)
+        sd[pre + "attn.proj.bias"] = _t(attn["out"]["bias"][i])
+        for layer_norm in ("norm1", "norm2"):
+            sd[pre + f"{layer_norm}.weight"] = _t(blocks[layer_norm]["scale"][i])
+            sd[pre + f"{layer_norm}.bias"] = _t(blocks[layer_norm]["bias"][i])
+        for fc in ("fc1", "fc2"):
+            sd[pre + f"mlp.{fc}.weight"] = _t(np.asarray(blocks["mlp"][fc]["kernel"][i]).T)
+            sd[pre + f"mlp.{fc}.bias"] = _t(blocks["mlp"][fc]["bias"][i])
+    return sd
+
+
+def dense_state(dense: dict, name: str) -> dict:
+    """PyTorch Linear `name` from our Dense (kernel (in, out), optional bias)."""
+    sd = {f"{name}.weight": _t(np.transpose(dense["kernel"]))}
+    if "bias" in dense:
+        sd[f"{name}.bias"] = _t(dense["bias"])
+    return sd
+
+
+def vit_state(model: ViT, params: dict, prefix: str = "") -> dict:
+    """PyTorch state (keys under `prefix`) of the ViT from our ViT's parameters."""
+    cfg = model.cfg
     sd = {"patch_embed.weight": _t(np.transpose(params["patch_embed"]["kernel"], (3, 2, 0, 1))),
-          "norm.weight": _t(params["encoder"]["norm"]["scale"]),
-          "norm.bias": _t(params["encoder"]["norm"]["bias"])}
+          **encoder_state(params["encoder"], cfg.depth, cfg.width, cfg.qkv_bias)}
     if "bias" in params["patch_embed"]:
         sd["patch_embed.bias"] = _t(params["patch_embed"]["bias"])
-    if model.cfg.posemb == "learn":
+    if cfg.posemb == "learn":
         sd["pos_embedding"] = _t(params["pos_embedding"])
     if model.cls_token is not None:
         sd["cls_token"] = _t(params["cls_token"])
@@ -260,109 +291,26 @@ def load_vit_params(model: ViT, params: dict) -> None:
         sd["pre_norm.weight"] = _t(params["pre_norm"]["scale"])
         sd["pre_norm.bias"] = _t(params["pre_norm"]["bias"])
     if model.head is not None:
-        sd["head.weight"] = _t(np.transpose(params["head"]["kernel"]))
-        sd["head.bias"] = _t(params["head"]["bias"])
-    blocks = params["encoder"]["blocks"]
-    attn = blocks["attn"]
-    for i in range(model.cfg.depth):
-        pre = f"blocks.{i}."
-        sd[pre + "attn.qkv.weight"] = _t(np.concatenate(
-            [np.asarray(attn[n]["kernel"][i]).reshape(d, d).T for n in ("query", "key", "value")]))
-        if model.cfg.qkv_bias:
-            sd[pre + "attn.qkv.bias"] = _t(np.concatenate(
-                [np.asarray(attn[n]["bias"][i]).reshape(d) for n in ("query", "key", "value")]))
-        sd[pre + "attn.proj.weight"] = _t(np.asarray(attn["out"]["kernel"][i]).reshape(d, d).T)
-        sd[pre + "attn.proj.bias"] = _t(attn["out"]["bias"][i])
-        for norm in ("norm1", "norm2"):
-            sd[pre + f"{norm}.weight"] = _t(blocks[norm]["scale"][i])
-            sd[pre + f"{norm}.bias"] = _t(blocks[norm]["bias"][i])
-        for fc in ("fc1", "fc2"):
-            sd[pre + f"mlp.{fc}.weight"] = _t(np.asarray(blocks["mlp"][fc]["kernel"][i]).T)
-            sd[pre + f"mlp.{fc}.bias"] = _t(blocks["mlp"][fc]["bias"][i])
+        sd.update(dense_state(params["head"], "head"))
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def load_state(model: nn.Module, sd: dict) -> None:
+    """Loads `sd` into `model`; every parameter and persistent buffer must be in it."""
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise ValueError(f"load_vit_params: missing {missing}, unexpected {unexpected}")
+        raise ValueError(f"{type(model).__name__}: missing {missing}, unexpected {unexpected}")
 
 
-# -- training steps -------------------------------------------------------------------------
+def load_vit_params(model: ViT, params: dict) -> None:
+    """Copies our ViT's parameters (`nnx.state(vit, nnx.Param).to_pure_dict()`, blocks stacked
+    on a leading layers axis) into the PyTorch ViT."""
+    load_state(model, vit_state(model, params))
 
-def _images(batch: dict, device, key: str = "image") -> torch.Tensor:
+
+# -- batches ------------------------------------------------------------------------------------
+
+def images_nchw(batch: dict, device, key: str = "image") -> torch.Tensor:
     """NHWC numpy images -> contiguous NCHW float32 (what timm / open_clip models take)."""
     return torch.from_numpy(np.ascontiguousarray(np.asarray(batch[key], np.float32)
                                                  .transpose(0, 3, 1, 2))).to(device)
-
-
-def _classification(model: ViT, batch: dict, config, device):
-    images = _images(batch, device)
-    if "labels" in batch:
-        targets = torch.from_numpy(np.asarray(batch["labels"], np.float32)).to(device)
-    else:
-        targets = torch.from_numpy(np.asarray(batch["label"], np.int64)).to(device)
-    smoothing = float(config.loss.label_smoothing)
-    return lambda: F.cross_entropy(model(images), targets, label_smoothing=smoothing)
-
-
-def _contrastive(model: TwoTowers, batch: dict, config, device):
-    images = _images(batch, device)
-    tokens = torch.from_numpy(np.asarray(batch["text"], np.int64)).to(device)
-    sigmoid = config.loss.type == "sigmoid"
-
-    def loss():
-        zimg, ztxt = model(images, tokens)
-        logits = model.log_temperature.exp() * zimg @ ztxt.T
-        n = logits.shape[0]
-        if sigmoid:
-            labels = 2.0 * torch.eye(n, device=logits.device) - 1.0
-            return -F.logsigmoid(labels * (logits + model.bias)).sum() / n
-        targets = torch.arange(n, device=logits.device)
-        return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
-
-    return loss
-
-
-def build_model(kind: str, model_config) -> nn.Module:
-    """`kind` "vit" (a ViTConfig) or "two_towers" (a TwoTowersConfig) -> the torch model."""
-    if kind == "vit":
-        return ViT(model_config)
-    if kind == "two_towers":
-        return TwoTowers(model_config)
-    raise ValueError(f"no PyTorch equivalent of kind {kind!r}")
-
-
-def make_trainer(kind: str, model_config, config, batch: dict, *, seed: int = 0,
-                 device: str = "cpu"):
-    """(step, model): `step()` trains one step on `batch` (dict of numpy arrays as the JAX
-    step gets them, NHWC images) on `device` and returns the loss (on CUDA, call
-    `torch.cuda.synchronize()` before reading a clock); `config` gives the optimizer and loss."""
-    torch.manual_seed(seed)
-    model = build_model(kind, model_config).to(device).train()
-    opt = config.optimizer
-    if opt.name != "adamw":
-        raise Unsupported(f"optimizer.name={opt.name!r}: the PyTorch reference uses AdamW only")
-    named = list(model.named_parameters())
-    decay = [p for n, p in named if n.endswith("weight") and p.ndim >= 2]
-    other = [p for n, p in named if not (n.endswith("weight") and p.ndim >= 2)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": float(opt.weight_decay)},
-         {"params": other, "weight_decay": 0.0}],
-        lr=float(config.schedule.base_lr), betas=(float(opt.b1), float(opt.b2)),
-        eps=float(opt.eps))
-    loss_fn = (_classification if kind == "vit" else _contrastive)(model, batch, config, device)
-    context = compute_context(kind, model_config, device)
-    clip = config.get("grad_clip_norm")
-    max_log_t = config.loss.get("max_log_temperature") if kind == "two_towers" else None
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with context:
-            loss = loss_fn()
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip))
-        optimizer.step()
-        if max_log_t is not None:
-            with torch.no_grad():
-                model.log_temperature.clamp_(max=float(max_log_t))
-        return loss.detach()
-
-    return step, model

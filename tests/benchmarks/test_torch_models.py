@@ -17,6 +17,7 @@ from vistax.train import objectives
 torch = pytest.importorskip("torch")
 F = pytest.importorskip("torch.nn.functional")
 torch_models = pytest.importorskip("vistax.benchmarks.torch_models")
+torch_trainers = pytest.importorskip("vistax.benchmarks.torch_trainers")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -107,7 +108,7 @@ def test_bfloat16_logits_under_autocast_match_ours_in_bfloat16():
     images = torch.from_numpy(x.transpose(0, 3, 1, 2))
     with torch.no_grad():
         fp32 = theirs(images).numpy()
-        with torch_models.compute_context("vit", cfg):
+        with torch_trainers.compute_context("vit", cfg):
             autocast = theirs(images)
     assert autocast.dtype == torch.bfloat16
     autocast = autocast.float().numpy()
@@ -125,17 +126,17 @@ def test_bfloat16_logits_under_autocast_match_ours_in_bfloat16():
 def test_compute_context_follows_the_config_dtype():
     fp32 = vit.ViTConfig.from_dict(dict(variant="mu/8", image_size=16))
     bf16 = vit.ViTConfig.from_dict(dict(variant="mu/8", image_size=16, dtype="bfloat16"))
-    with torch_models.compute_context("vit", fp32):
+    with torch_trainers.compute_context("vit", fp32):
         assert not torch.is_autocast_enabled("cpu")
-    with torch_models.compute_context("vit", bf16):
+    with torch_trainers.compute_context("vit", bf16):
         assert torch.is_autocast_enabled("cpu")
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16
     towers = case_model_config("clip_b16_224_bf16").model_config
-    assert isinstance(torch_models.compute_context("two_towers", towers, "cpu"),
+    assert isinstance(torch_trainers.compute_context("two_towers", towers, "cpu"),
                       torch.autocast)
     mixed = dataclasses.replace(towers, text=dataclasses.replace(towers.text, dtype="float32"))
-    with pytest.raises(torch_models.Unsupported, match="one dtype"):
-        torch_models.compute_context("two_towers", mixed)
+    with pytest.raises(torch_trainers.Unsupported, match="one dtype"):
+        torch_trainers.compute_context("two_towers", mixed)
     half = vit.ViTConfig.from_dict(dict(variant="mu/8", image_size=16, dtype="float16"))
     with pytest.raises(torch_models.Unsupported, match="float16"):
         torch_models.ViT(half)
@@ -148,7 +149,7 @@ def test_trainer_steps_lower_the_loss_on_a_fixed_batch():
     tokens = rng.randint(3, 259, (8, 32)).astype(np.int32)
     tokens[:, 20] = objective.model_config.text.eos_id
     batch = {"image": rng.randn(8, 48, 48, 3).astype(np.float32), "text": tokens}
-    step, model = torch_models.make_trainer("two_towers", objective.model_config, config, batch)
+    step, model = torch_trainers.make_trainer("two_towers", objective.model_config, config, batch)
     losses = [float(step()) for _ in range(4)]
     assert losses[-1] < losses[0]
     assert model.log_temperature.item() <= config.loss.max_log_temperature + 1e-6
@@ -170,13 +171,13 @@ def test_a_bfloat16_trainer_steps_under_autocast():
     rng = np.random.RandomState(0)
     labels = np.eye(10, dtype=np.float32)[rng.randint(0, 10, 8)]
     batch = {"image": rng.randn(8, 32, 32, 3).astype(np.float32), "labels": labels}
-    step, _ = torch_models.make_trainer("vit", cfg, config, batch)
+    step, _ = torch_trainers.make_trainer("vit", cfg, config, batch)
     torch.manual_seed(0)  # make_trainer's seed: the same initial weights
-    model = torch_models.build_model("vit", cfg).train()
+    model = torch_trainers.build_model("vit", cfg).train()
     images = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy())
     smoothing = float(config.loss.label_smoothing)
     with torch.no_grad():
-        with torch_models.compute_context("vit", cfg):
+        with torch_trainers.compute_context("vit", cfg):
             expected = F.cross_entropy(model(images), torch.from_numpy(labels),
                                        label_smoothing=smoothing)
         fp32 = F.cross_entropy(model(images), torch.from_numpy(labels), label_smoothing=smoothing)
