@@ -108,9 +108,10 @@ CASES: dict[str, Case] = {c.name: c for c in (
     Case("mae_tiny", "mae:tiny", "configs/mae.py:tiny: ViT encoder on the 25% visible patches "
          "of 32 px digits and a 2-block decoder", overrides=dict(_FP32), torch="mae"),
     Case("dino_tiny", "dino:tiny", "configs/dino.py:tiny: student on 2 x 32 px + 4 x 16 px "
-         "crops, EMA teacher on the 2 global crops, 1024 prototypes", overrides=dict(_FP32)),
+         "crops, EMA teacher on the 2 global crops, 1024 prototypes", overrides=dict(_FP32),
+         torch="dino"),
     Case("perceiver_tiny", "perceiver:tiny", "configs/perceiver.py:tiny: 256 pixel tokens of "
-         "16 px digits, 64 x 128 latents", overrides=dict(_FP32)),
+         "16 px digits, 64 x 128 latents", overrides=dict(_FP32), torch="perceiver"),
     # --cases=all adds these.
     Case("siglip_tiny", "siglip:tiny", "configs/siglip.py:tiny: clip_tiny's towers with the "
          "sigmoid loss", overrides=dict(_FP32_TOWERS), torch="two_towers", quick=False),
@@ -130,7 +131,8 @@ CASES: dict[str, Case] = {c.name: c for c in (
                     "input.pp": ("decode|random_resized_crop(112, scale=(0.2, 1.0), "
                                  "method='bicubic')|flip_lr|value_range(0, 1)|keep('image')")}),
     Case("perceiver_shapes", "perceiver:shapes", "configs/perceiver.py:shapes: 1024 pixel "
-         "tokens of 32 px shapes, 64 x 128 latents", overrides=dict(_FP32), quick=False),
+         "tokens of 32 px shapes, 64 x 128 latents", overrides=dict(_FP32), torch="perceiver",
+         quick=False),
     # --cases=accelerator: GPU/TPU only.
     Case("vit_b16_224_bf16", "vit:B/16", "ViT-B/16 at 224 px, 1000 classes, bfloat16 compute "
          "(the ImageNet preset's model and pp)", torch="vit", quick=False, accelerator=True,

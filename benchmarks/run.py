@@ -133,8 +133,9 @@ def _torch_trainer(case, exp, local_batch, torch, torch_status):
     device = _torch_device(torch, platform_name)
     if device is None:
         return None, f"no reference: torch has no {platform_name} device here"
-    model_config = torch_trainers.REFERENCES[case.torch].model_config(exp.objective)
     try:
+        model_config = torch_trainers.REFERENCES[case.torch].model_config(exp.objective,
+                                                                          exp.epoch_size)
         step, model = torch_trainers.make_trainer(case.torch, model_config, exp.config,
                                                   local_batch, device=device)
     except torch_trainers.Unsupported as e:
@@ -211,7 +212,8 @@ def bench_case(case: cases_lib.Case, *, steps: int, warmup: int, peak: float, de
     torch_out = {"status": torch_status}
     if trainer is not None:
         model = trainer[1]
-        torch_out.update({"params": int(sum(p.numel() for p in model.parameters())),
+        torch_out.update({"params": int(sum(p.numel() for p in model.parameters()
+                                            if p.requires_grad)),
                           "device": str(next(model.parameters()).device),
                           "threads": torch.get_num_threads(), **side("torch", 1)})
     bv_out = {"status": bv_status}

@@ -11,7 +11,6 @@ loss is the MSE over masked patches of (optionally per-patch normalised) pixels.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -91,5 +90,5 @@ def load_mae_params(model: MAE, params: dict) -> None:
                                        prefix="decoder_blocks.", norm="decoder_norm"),
           **torch_models.dense_state(params["decoder_embed"], "decoder_embed"),
           **torch_models.dense_state(params["decoder_pred"], "decoder_pred"),
-          "mask_token": torch.from_numpy(np.array(params["mask_token"], np.float32))}
+          "mask_token": torch_models.to_tensor(params["mask_token"])}
     torch_models.load_state(model, sd)

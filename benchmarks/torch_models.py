@@ -3,9 +3,10 @@
 `ViT` is timm's `VisionTransformer` written in plain torch (timm itself imports torchvision,
 which does not install beside this project's torch): pre-norm blocks, a fused qkv Linear,
 `F.scaled_dot_product_attention`, a GELU MLP, cls token and learned position embedding, a
-linear head. It is built from our `ViTConfig`, so every parameter has a counterpart of the same
-size and the parameter counts are equal. The one departure from timm's defaults is ours too:
-positions are added to the patch tokens only and the cls token gets none (timm's
+linear head; learned positions are resampled for other image sizes as ours
+(`dynamic_image_size`). It is built from our `ViTConfig`, so every parameter has a counterpart
+of the same size and the parameter counts are equal. The one departure from timm's defaults
+is ours too: positions are added to the patch tokens only and the cls token gets none (timm's
 `no_embed_class=True`). `load_vit_params` copies our weights across (the parity test).
 
 `TwoTowers` is the CLIP/SigLIP pair: that ViT as image tower, a text transformer (token and
@@ -13,13 +14,10 @@ learned position embeddings, causal or padding-masked blocks, final LayerNorm, p
 first end-of-text token), linear projections, L2 normalisation, a learned log-temperature and,
 for the sigmoid loss, a learned bias; parameter counts equal ours as well.
 
-`make_trainer` returns one training step (zero_grad, forward, loss, backward, AdamW step) on
-a fixed batch: `torch.optim.AdamW` with the config's lr, betas, eps and weight decay on weight
-matrices only (our `param_groups.wd_mask` decays kernels only), global-norm clipping when the
-config clips, CLIP's temperature clamp after the step. A config that computes in bfloat16
-(float32 parameters, bfloat16 matmuls) gets PyTorch's mixed-precision recipe, the forward and
-loss under `torch.autocast(dtype=torch.bfloat16)` (`compute_context`): timm's and open_clip's
-`--amp --amp-dtype bfloat16`.
+The building blocks (`Block`, `Attention`, `Mlp`), the state converters (`vit_state`,
+`encoder_state`, `dense_state`) and `images_nchw` serve the other references too
+(torch_mae.py, torch_dino.py, torch_perceiver.py); torch_trainers.py turns each into a training
+step.
 """
 
 from __future__ import annotations
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vistax.models import layers as jax_layers
+from vistax.models import vit as jax_vit
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -142,16 +141,40 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(d, eps=cfg.layernorm_eps)
         self.head = nn.Linear(d, cfg.num_classes) if cfg.num_classes else None
+        self._resampling = {}  # (patch grid, device) -> (h*w, n) resampling of the n positions
         init_linears(self)
 
     @property
     def num_prefix_tokens(self) -> int:
         return int(self.cls_token is not None)
 
+    def positions(self, grid: tuple[int, int], device) -> torch.Tensor:
+        """(1, h*w, D) position embeddings of a `grid` of patches. Learned ones are resampled
+        to another grid (`dynamic_image_size`, DINO's smaller crops) by the linear map our
+        `vit.interpolate_posemb` applies, built once per grid (its bicubic kernel is
+        jax.image.resize's, Keys a = -0.5; PyTorch's F.interpolate uses a = -0.75)."""
+        cfg = self.cfg
+        if grid == tuple(cfg.grid):
+            return self.pos_embedding
+        if not cfg.dynamic_image_size:
+            raise ValueError(f"ViT built for {cfg.image_size}px images got a {grid} patch grid; "
+                             "set dynamic_image_size=True.")
+        if cfg.posemb != "learn":
+            style = "mae" if cfg.posemb == "sincos2d_mae" else "mocov3"
+            return torch.from_numpy(jax_layers.sincos_posemb_2d(*grid, cfg.width, style=style)
+                                    ).to(device)
+        key = (grid, str(device))
+        if key not in self._resampling:
+            n = cfg.grid[0] * cfg.grid[1]
+            basis = jax_vit.interpolate_posemb(np.eye(n, dtype=np.float32)[None], cfg.grid, grid)
+            self._resampling[key] = torch.from_numpy(np.array(basis[0])).to(device)
+        return self._resampling[key] @ self.pos_embedding
+
     def tokens(self, images, keep=None):
         """The encoder's input: [cls] + embedded patches with their positions; `keep` (B, K)
         int64 picks the patches to encode (MAE's visible ones), as ours."""
-        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embedding
+        x = self.patch_embed(images)
+        x = x.flatten(2).transpose(1, 2) + self.positions(tuple(x.shape[-2:]), x.device)
         if keep is not None:
             x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))
         if self.cls_token is not None:
@@ -235,7 +258,7 @@ def num_params(model: nn.Module) -> int:
 
 # -- weights from vistax ------------------------------------------------------------------------
 
-def _t(x) -> torch.Tensor:
+def to_tensor(x) -> torch.Tensor:
     return torch.from_numpy(np.array(x, np.float32))  # a writable copy
 
 
@@ -248,48 +271,50 @@ def encoder_state(encoder: dict, depth: int, width: int, qkv_bias: bool, prefix:
     attn = blocks["attn"]
     sd = {}
     if norm:
-        sd[f"{norm}.weight"] = _t(encoder["norm"]["scale"])
-        sd[f"{norm}.bias"] = _t(encoder["norm"]["bias"])
+        sd[f"{norm}.weight"] = to_tensor(encoder["norm"]["scale"])
+        sd[f"{norm}.bias"] = to_tensor(encoder["norm"]["bias"])
     for i in range(depth):
         pre = f"{prefix}{i}."
-        sd[pre + "attn.qkv.weight"] = _t(np.concatenate(
+        sd[pre + "attn.qkv.weight"] = to_tensor(np.concatenate(
             [np.asarray(attn[n]["kernel"][i]).reshape(d, d).T for n in ("query", "key", "value")]))
         if qkv_bias:
-            sd[pre + "attn.qkv.bias"] = _t(np.concatenate(
+            sd[pre + "attn.qkv.bias"] = to_tensor(np.concatenate(
                 [np.asarray(attn[n]["bias"][i]).reshape(d) for n in ("query", "key", "value")]))
-        sd[pre + "attn.proj.weight"] = _t(np.asarray(attn["out"]["kernel"][i]).reshape(d, d).T)
-        sd[pre + "attn.proj.bias"] = _t(attn["out"]["bias"][i])
+        sd[pre + "attn.proj.weight"] = to_tensor(
+            np.asarray(attn["out"]["kernel"][i]).reshape(d, d).T)
+        sd[pre + "attn.proj.bias"] = to_tensor(attn["out"]["bias"][i])
         for layer_norm in ("norm1", "norm2"):
-            sd[pre + f"{layer_norm}.weight"] = _t(blocks[layer_norm]["scale"][i])
-            sd[pre + f"{layer_norm}.bias"] = _t(blocks[layer_norm]["bias"][i])
+            sd[pre + f"{layer_norm}.weight"] = to_tensor(blocks[layer_norm]["scale"][i])
+            sd[pre + f"{layer_norm}.bias"] = to_tensor(blocks[layer_norm]["bias"][i])
         for fc in ("fc1", "fc2"):
-            sd[pre + f"mlp.{fc}.weight"] = _t(np.asarray(blocks["mlp"][fc]["kernel"][i]).T)
-            sd[pre + f"mlp.{fc}.bias"] = _t(blocks["mlp"][fc]["bias"][i])
+            sd[pre + f"mlp.{fc}.weight"] = to_tensor(np.asarray(blocks["mlp"][fc]["kernel"][i]).T)
+            sd[pre + f"mlp.{fc}.bias"] = to_tensor(blocks["mlp"][fc]["bias"][i])
     return sd
 
 
 def dense_state(dense: dict, name: str) -> dict:
     """PyTorch Linear `name` from our Dense (kernel (in, out), optional bias)."""
-    sd = {f"{name}.weight": _t(np.transpose(dense["kernel"]))}
+    sd = {f"{name}.weight": to_tensor(np.transpose(dense["kernel"]))}
     if "bias" in dense:
-        sd[f"{name}.bias"] = _t(dense["bias"])
+        sd[f"{name}.bias"] = to_tensor(dense["bias"])
     return sd
 
 
 def vit_state(model: ViT, params: dict, prefix: str = "") -> dict:
     """PyTorch state (keys under `prefix`) of the ViT from our ViT's parameters."""
     cfg = model.cfg
-    sd = {"patch_embed.weight": _t(np.transpose(params["patch_embed"]["kernel"], (3, 2, 0, 1))),
+    kernel = np.transpose(params["patch_embed"]["kernel"], (3, 2, 0, 1))
+    sd = {"patch_embed.weight": to_tensor(kernel),
           **encoder_state(params["encoder"], cfg.depth, cfg.width, cfg.qkv_bias)}
     if "bias" in params["patch_embed"]:
-        sd["patch_embed.bias"] = _t(params["patch_embed"]["bias"])
+        sd["patch_embed.bias"] = to_tensor(params["patch_embed"]["bias"])
     if cfg.posemb == "learn":
-        sd["pos_embedding"] = _t(params["pos_embedding"])
+        sd["pos_embedding"] = to_tensor(params["pos_embedding"])
     if model.cls_token is not None:
-        sd["cls_token"] = _t(params["cls_token"])
+        sd["cls_token"] = to_tensor(params["cls_token"])
     if model.pre_norm is not None:
-        sd["pre_norm.weight"] = _t(params["pre_norm"]["scale"])
-        sd["pre_norm.bias"] = _t(params["pre_norm"]["bias"])
+        sd["pre_norm.weight"] = to_tensor(params["pre_norm"]["scale"])
+        sd["pre_norm.bias"] = to_tensor(params["pre_norm"]["bias"])
     if model.head is not None:
         sd.update(dense_state(params["head"], "head"))
     return {prefix + k: v for k, v in sd.items()}

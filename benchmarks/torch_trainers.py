@@ -6,15 +6,22 @@ A case's `torch` field names a kind of `REFERENCES`:
   labels, as the batch holds);
 - `two_towers`: torch_models.TwoTowers, CLIP's softmax or SigLIP's sigmoid loss, CLIP's
   temperature clamp after the step;
-- `mae`: torch_mae.MAE, masked-patch MSE on fresh random masks every step.
+- `mae`: torch_mae.MAE, masked-patch MSE on fresh random masks every step;
+- `dino`: torch_dino.DINO, student and EMA teacher on the multi-crop views;
+- `perceiver`: torch_perceiver.Perceiver (a Perceiver IO classification query or mean-pooled
+  latents), cross-entropy with the config's label smoothing.
 
 Each kind says which of the objective's resolved configs its model is built from
 (`model_config`), which compute dtypes that config asks for, how to build the model and its loss
-on a fixed batch, and what runs after the optimizer step. `make_trainer` wraps them in the same
-step for every kind: zero_grad, forward and loss (under `torch.autocast` to bfloat16 where the
-config computes in bfloat16: timm's and open_clip's `--amp --amp-dtype bfloat16`), backward,
-global-norm clipping when the config clips, `torch.optim.AdamW` with the config's lr, betas, eps
-and weight decay on weight matrices only (our `param_groups.wd_mask` decays kernels only).
+on a fixed batch, and what runs before and after the optimizer step. `make_trainer` wraps them
+in the same step for every kind: zero_grad, forward and loss (under `torch.autocast` to
+bfloat16 where the config computes in bfloat16: timm's and open_clip's `--amp --amp-dtype
+bfloat16`), backward, the kind's `before_update`, per-parameter clipping
+(`grad_clip_per_param`, DINO's `clip_gradients`: a fused qkv weight is one tensor here, three
+kernels in ours) and global-norm clipping when the config asks, `torch.optim.AdamW` on the
+trainable parameters with the config's base lr, betas, eps and weight decay on weight matrices
+only (our `param_groups.wd_mask` decays kernels only), then the kind's `after_step`. Learning
+rate and weight decay schedules are left out: they change no work.
 """
 
 from __future__ import annotations
@@ -29,19 +36,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vistax.benchmarks import torch_mae, torch_models
+from vistax.benchmarks import torch_dino, torch_mae, torch_models, torch_perceiver
 from vistax.benchmarks.torch_models import AUTOCAST, Unsupported
+from vistax.train.optimizer import PER_PARAM_CLIP_EPS
 
 
 @dataclasses.dataclass(frozen=True)
 class Reference:
     """How one kind of PyTorch equivalent is built and trained."""
 
-    model_config: Callable[[Any], Any]  # the objective -> the config its model is built from
+    # (objective, examples per epoch) -> the config its model is built from
+    model_config: Callable[[Any, int], Any]
     dtypes: Callable[[Any], list[str]]  # that config -> its compute dtypes (one per tower)
     build: Callable[[Any], nn.Module]
     # (model, batch, config, device) -> a function computing the loss of one step
     loss: Callable[[nn.Module, dict, Any, str], Callable[[], torch.Tensor]]
+    # (model, config) -> a function run on the gradients before the update, or None
+    before_update: Callable[[nn.Module, Any], Callable[[], None] | None] = (
+        lambda model, config: None)
     # (model, config) -> a function run after each optimizer step, or None
     after_step: Callable[[nn.Module, Any], Callable[[], None] | None] = lambda model, config: None
 
@@ -88,16 +100,22 @@ def _clamp_temperature(model, config):
 
 
 REFERENCES: dict[str, Reference] = {
-    "vit": Reference(model_config=lambda objective: objective.vit_config,
+    "vit": Reference(model_config=lambda objective, epoch_size: objective.vit_config,
                      dtypes=lambda cfg: [cfg.dtype], build=torch_models.ViT,
                      loss=_classification),
-    "two_towers": Reference(model_config=lambda objective: objective.model_config,
+    "two_towers": Reference(model_config=lambda objective, epoch_size: objective.model_config,
                             dtypes=lambda cfg: [cfg.image.dtype, cfg.text.dtype],
                             build=torch_models.TwoTowers, loss=_contrastive,
                             after_step=_clamp_temperature),
-    "mae": Reference(model_config=lambda objective: objective.mae_config,
+    "mae": Reference(model_config=lambda objective, epoch_size: objective.mae_config,
                      dtypes=lambda cfg: [cfg.encoder.dtype], build=torch_mae.MAE,
                      loss=torch_mae.loss),
+    "dino": Reference(model_config=torch_dino.setup, dtypes=lambda cfg: [cfg.dtype],
+                      build=torch_dino.DINO, loss=torch_dino.loss,
+                      before_update=torch_dino.before_update, after_step=torch_dino.after_step),
+    "perceiver": Reference(model_config=lambda objective, epoch_size: objective.perceiver_config,
+                           dtypes=lambda cfg: [cfg.dtype], build=torch_perceiver.Perceiver,
+                           loss=torch_perceiver.loss),
 }
 
 
@@ -122,7 +140,7 @@ def compute_context(kind: str, model_config, device: str = "cpu"):
 
 
 def build_model(kind: str, model_config) -> nn.Module:
-    """The torch model of `kind` from its config (`REFERENCES[kind].model_config(objective)`)."""
+    """The torch model of `kind` from its config (`REFERENCES[kind].model_config(...)`)."""
     return _reference(kind).build(model_config)
 
 
@@ -138,7 +156,7 @@ def make_trainer(kind: str, model_config, config, batch: dict, *, seed: int = 0,
     opt = config.optimizer
     if opt.name != "adamw":
         raise Unsupported(f"optimizer.name={opt.name!r}: the PyTorch reference uses AdamW only")
-    named = list(model.named_parameters())
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in named if n.endswith("weight") and p.ndim >= 2]
     other = [p for n, p in named if not (n.endswith("weight") and p.ndim >= 2)]
     optimizer = torch.optim.AdamW(
@@ -147,16 +165,26 @@ def make_trainer(kind: str, model_config, config, batch: dict, *, seed: int = 0,
         lr=float(config.schedule.base_lr), betas=(float(opt.b1), float(opt.b2)),
         eps=float(opt.eps))
     loss_fn = reference.loss(model, batch, config, device)
+    before_update = reference.before_update(model, config)
     after_step = reference.after_step(model, config)
     clip = config.get("grad_clip_norm")
+    clip_each = config.get("grad_clip_per_param")
+    trained = [p for _, p in named]
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         with context:
             loss = loss_fn()
         loss.backward()
+        if before_update is not None:
+            before_update()
+        if clip_each:
+            grads = [p.grad for p in trained if p.grad is not None]
+            norms = torch._foreach_norm(grads)  # pylint: disable=protected-access
+            torch._foreach_mul_(grads, [  # pylint: disable=protected-access
+                (float(clip_each) / (n + PER_PARAM_CLIP_EPS)).clamp(max=1.0) for n in norms])
         if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip))
+            torch.nn.utils.clip_grad_norm_(trained, float(clip))
         optimizer.step()
         if after_step is not None:
             after_step()

@@ -38,7 +38,7 @@ def small_config(**encoder) -> mae.MAEConfig:
 def test_parameter_count_equals_ours(name):
     config = cases.CASES[name].build_config()
     objective = objectives.get(config.objective)(config)
-    cfg = torch_trainers.REFERENCES["mae"].model_config(objective)
+    cfg = torch_trainers.REFERENCES["mae"].model_config(objective, 1)
     model = nnx.eval_shape(lambda: objective.build_model(nnx.Rngs(0)))
     ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     with torch.device("meta"):
@@ -86,7 +86,7 @@ def test_loss_matches_ours_with_copied_weights_and_noise(encoder, norm_pix):
 def test_trainer_draws_fresh_masks_and_lowers_the_loss():
     config = cases.CASES["mae_tiny"].build_config()
     objective = objectives.get(config.objective)(config)
-    cfg = torch_trainers.REFERENCES["mae"].model_config(objective)
+    cfg = torch_trainers.REFERENCES["mae"].model_config(objective, 1)
     batch = {"image": np.random.RandomState(0).randn(16, 32, 32, 3).astype(np.float32)}
     step, model = torch_trainers.make_trainer("mae", cfg, config, batch)
     loss = torch_mae.loss(model, batch, config, "cpu")
