@@ -128,7 +128,8 @@ CASES: dict[str, Case] = {c.name: c for c in (
     Case("mae_s16_112", "mae:B/16", "MAE with a ViT-S/16 encoder at 112 px and the paper's "
          "8 x 512 decoder, 75% masked", torch="mae", quick=False,
          overrides={**_FP32, "model.variant": "S/16", "model.image_size": 112,
-                    "model.scan": False, "input.dataset": "digits", "input.batch_size": 64, "input.worker_count": 0,
+                    "model.scan": False, "input.dataset": "digits", "input.batch_size": 64,
+                    "input.worker_count": 0,
                     "input.pp": ("decode|random_resized_crop(112, scale=(0.2, 1.0), "
                                  "method='bicubic')|flip_lr|value_range(0, 1)|keep('image')")}),
     Case("perceiver_shapes", "perceiver:shapes", "configs/perceiver.py:shapes: 1024 pixel "

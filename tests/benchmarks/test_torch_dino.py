@@ -18,14 +18,7 @@ from vistax.train.objectives import dino as dino_objective
 torch = pytest.importorskip("torch")
 torch_dino = pytest.importorskip("vistax.benchmarks.torch_dino")
 torch_trainers = pytest.importorskip("vistax.benchmarks.torch_trainers")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_objective(**dino):
@@ -46,11 +39,10 @@ def nchw(x: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 1, 4, 2, 3)))
 
 
-def test_trained_parameter_count_equals_ours():
+def test_trained_parameter_count_equals_ours(count_params):
     config = cases.CASES["dino_tiny"].build_config()
     objective = objectives.get(config.objective)(config)
-    model = nnx.eval_shape(lambda: objective.build_model(nnx.Rngs(0)))
-    ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    ours = count_params(objective)
     with torch.device("meta"):
         theirs = torch_dino.DINO(torch_dino.setup(objective, epoch_size=1437))
     assert sum(p.numel() for p in theirs.parameters() if p.requires_grad) == ours

@@ -18,16 +18,7 @@ torch = pytest.importorskip("torch")
 F = pytest.importorskip("torch.nn.functional")
 torch_models = pytest.importorskip("vistax.benchmarks.torch_models")
 torch_trainers = pytest.importorskip("vistax.benchmarks.torch_trainers")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tests time nothing; one thread avoids OpenMP's barrier waits when other work holds
-    the cores (each small op can then cost a scheduler time slice)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def jax_params(build) -> int:

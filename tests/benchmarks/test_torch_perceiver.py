@@ -19,14 +19,7 @@ torch = pytest.importorskip("torch")
 torch_perceiver = pytest.importorskip("vistax.benchmarks.torch_perceiver")
 torch_trainers = pytest.importorskip("vistax.benchmarks.torch_trainers")
 torch_models = pytest.importorskip("vistax.benchmarks.torch_models")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Options of the reference beyond the tiny preset. `query`: patches (2-D), a projection, unequal
@@ -83,14 +76,13 @@ def random_batch(cfg: perceiver.PerceiverConfig, n: int, *, seed: int = 0,
 
 
 @pytest.mark.parametrize("name", ["perceiver_tiny", "perceiver_shapes"])
-def test_parameter_count_equals_ours(name):
+def test_parameter_count_equals_ours(name, count_params):
     config = cases.CASES[name].build_config()
     objective_ = objectives.get(config.objective)(config)
     cfg = torch_trainers.REFERENCES["perceiver"].model_config(objective_, 1)
-    model = nnx.eval_shape(lambda: objective_.build_model(nnx.Rngs(0)))
-    ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     with torch.device("meta"):
-        assert torch_models.num_params(torch_perceiver.Perceiver(cfg)) == ours
+        theirs = torch_models.num_params(torch_perceiver.Perceiver(cfg))
+    assert theirs == count_params(objective_)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
