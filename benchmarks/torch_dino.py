@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 
 import jax
 import numpy as np
@@ -137,12 +136,10 @@ class DINO(nn.Module):
         self.teacher_logits = None  # the last step's, for the center update
 
     def teacher_temperature(self) -> float:
+        """This step's teacher temperature (our schedule)."""
         s = self.cfg.settings
-        warmup = self.cfg.temp_warmup_steps
-        if warmup <= 0:
-            return s.teacher_temp
-        frac = min(self.step / warmup, 1.0)
-        return s.warmup_teacher_temp + (s.teacher_temp - s.warmup_teacher_temp) * frac
+        return float(dino_objective.teacher_temperature(
+            self.step, self.cfg.temp_warmup_steps, s.warmup_teacher_temp, s.teacher_temp))
 
     def loss(self, global_crops, local_crops=None):
         """global_crops (B, T, C, H, W), local_crops (B, V - T, C, h, w) -> DINO's loss."""
@@ -176,9 +173,8 @@ class DINO(nn.Module):
         """EMA of the student into the teacher (cosine momentum), then of the teacher's mean
         logits into the center; advances the schedules."""
         s = self.cfg.settings
-        frac = self.step / max(self.cfg.total_steps, 1)  # the step just taken, from 0
-        m = s.momentum_teacher_end - (s.momentum_teacher_end - s.momentum_teacher) * (
-            math.cos(math.pi * frac) + 1.0) / 2.0
+        m = float(dino_objective.cosine_momentum(  # at the step just taken, counted from 0
+            self.step, self.cfg.total_steps, s.momentum_teacher, s.momentum_teacher_end))
         student = list(self.student.parameters())
         teacher = list(self.teacher.parameters())
         torch._foreach_mul_(teacher, m)
