@@ -141,7 +141,7 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(d, eps=cfg.layernorm_eps)
         self.head = nn.Linear(d, cfg.num_classes) if cfg.num_classes else None
-        self._resampling = {}  # (patch grid, device) -> (h*w, n) resampling of the n positions
+        self._grids = {}  # (patch grid, device) -> its positions' table (`positions`)
         init_linears(self)
 
     @property
@@ -159,16 +159,19 @@ class ViT(nn.Module):
         if not cfg.dynamic_image_size:
             raise ValueError(f"ViT built for {cfg.image_size}px images got a {grid} patch grid; "
                              "set dynamic_image_size=True.")
-        if cfg.posemb != "learn":
-            style = "mae" if cfg.posemb == "sincos2d_mae" else "mocov3"
-            return torch.from_numpy(jax_layers.sincos_posemb_2d(*grid, cfg.width, style=style)
-                                    ).to(device)
         key = (grid, str(device))
-        if key not in self._resampling:
-            n = cfg.grid[0] * cfg.grid[1]
-            basis = jax_vit.interpolate_posemb(np.eye(n, dtype=np.float32)[None], cfg.grid, grid)
-            self._resampling[key] = torch.from_numpy(np.array(basis[0])).to(device)
-        return self._resampling[key] @ self.pos_embedding
+        if key not in self._grids:
+            if cfg.posemb != "learn":  # the fixed table of that grid
+                style = "mae" if cfg.posemb == "sincos2d_mae" else "mocov3"
+                table = jax_layers.sincos_posemb_2d(*grid, cfg.width, style=style)
+            else:  # the (h*w, n) resampling of the n learned positions
+                n = cfg.grid[0] * cfg.grid[1]
+                table = jax_vit.interpolate_posemb(np.eye(n, dtype=np.float32)[None], cfg.grid,
+                                                   grid)[0]
+            self._grids[key] = torch.from_numpy(np.array(table)).to(device)
+        if cfg.posemb != "learn":
+            return self._grids[key]
+        return self._grids[key] @ self.pos_embedding
 
     def tokens(self, images, keep=None):
         """The encoder's input: [cls] + embedded patches with their positions; `keep` (B, K)
@@ -339,3 +342,13 @@ def images_nchw(batch: dict, device, key: str = "image") -> torch.Tensor:
     """NHWC numpy images -> contiguous NCHW float32 (what timm / open_clip models take)."""
     return torch.from_numpy(np.ascontiguousarray(np.asarray(batch[key], np.float32)
                                                  .transpose(0, 3, 1, 2))).to(device)
+
+
+def classification_targets(batch: dict, device) -> torch.Tensor:
+    """One-hot `labels` (float) or class indices `label` (int64), as our classifiers read them."""
+    if "labels" in batch:
+        return torch.from_numpy(np.asarray(batch["labels"], np.float32)).to(device)
+    if "label" in batch:
+        return torch.from_numpy(np.asarray(batch["label"], np.int64)).to(device)
+    raise KeyError(f"Classification needs a 'labels' (one-hot) or 'label' field in the batch; "
+                   f"got {sorted(batch)}.")

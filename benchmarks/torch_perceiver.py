@@ -282,13 +282,7 @@ def loss(model: Perceiver, batch: dict, config, device):
     the config's label smoothing, as train/objectives/perceiver.py."""
     inputs = {spec.name: torch.from_numpy(np.array(batch[spec.name], np.float32)).to(device)
               for spec in model.cfg.inputs}
-    if "labels" in batch:
-        targets = torch.from_numpy(np.array(batch["labels"], np.float32)).to(device)
-    elif "label" in batch:
-        targets = torch.from_numpy(np.array(batch["label"], np.int64)).to(device)
-    else:
-        raise KeyError(f"Classification needs a 'labels' (one-hot) or 'label' field in the batch; "
-                       f"got {sorted(batch)}.")
+    targets = torch_models.classification_targets(batch, device)
     smoothing = float((config.get("loss") or {}).get("label_smoothing", 0.0))
     return lambda: F.cross_entropy(model(inputs).float(), targets, label_smoothing=smoothing)
 

@@ -60,10 +60,7 @@ class Reference:
 
 def _classification(model, batch: dict, config, device):
     images = torch_models.images_nchw(batch, device)
-    if "labels" in batch:
-        targets = torch.from_numpy(np.asarray(batch["labels"], np.float32)).to(device)
-    else:
-        targets = torch.from_numpy(np.asarray(batch["label"], np.int64)).to(device)
+    targets = torch_models.classification_targets(batch, device)
     smoothing = float(config.loss.label_smoothing)
     return lambda: F.cross_entropy(model(images), targets, label_smoothing=smoothing)
 

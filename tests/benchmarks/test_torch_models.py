@@ -174,3 +174,21 @@ def test_a_bfloat16_trainer_steps_under_autocast():
         fp32 = F.cross_entropy(model(images), torch.from_numpy(labels), label_smoothing=smoothing)
     loss = step()
     assert float(loss) == float(expected) and float(loss) != float(fp32)
+
+
+@pytest.mark.parametrize("posemb", ["learn", "sincos2d_mae"])
+def test_vit_at_another_image_size_matches_ours(posemb):
+    """dynamic_image_size: learned positions resampled by our bicubic map, fixed ones rebuilt for
+    the smaller grid (DINO's local crops); twice, so the cached table is read too."""
+    cfg = vit.ViTConfig.from_dict(dict(variant="Ti/8", depth=2, image_size=32, num_classes=0,
+                                       posemb=posemb, dynamic_image_size=True))
+    ours = vit.ViT(cfg, rngs=nnx.Rngs(0))
+    theirs = torch_models.ViT(cfg).eval()
+    torch_models.load_vit_params(theirs, jax.tree.map(np.asarray,
+                                                      nnx.state(ours, nnx.Param).to_pure_dict()))
+    x = np.random.RandomState(0).randn(2, 16, 16, 3).astype(np.float32)
+    expected = np.asarray(ours(jnp.asarray(x))[0])
+    for _ in range(2):
+        with torch.no_grad():
+            pooled = theirs(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+        np.testing.assert_allclose(pooled, expected, atol=1e-4, rtol=1e-4)
