@@ -130,11 +130,9 @@ def test_logits_and_loss_match_ours_with_copied_weights(variant):
     ours = objective_.build_model(nnx.Rngs(0))
     # Every parameter moved off its init (zero biases, unit LayerNorm scales, the mean head's
     # zero kernel), so that a misplaced or missing one shows.
-    state = nnx.state(ours, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    nnx.update(ours, jax.tree.unflatten(treedef, [
-        x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+    rng = np.random.RandomState(1)
+    nnx.update(ours, jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(
+        x.dtype), nnx.state(ours, nnx.Param)))
     params = jax.tree.map(np.asarray, nnx.state(ours, nnx.Param).to_pure_dict())
     theirs = torch_perceiver.Perceiver(cfg)
     torch_perceiver.load_perceiver_params(theirs, params)

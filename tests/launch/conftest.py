@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from vistax.launch import local
+
 _SCRIPT = os.path.join(os.path.dirname(sys.executable), "vistax")
 VISTAX = [_SCRIPT] if os.path.exists(_SCRIPT) else [sys.executable, "-m", "vistax.launch.cli"]
 
@@ -16,8 +18,7 @@ class Cli:
     @staticmethod
     def run(*args, cwd, timeout=300, path=None) -> subprocess.CompletedProcess:
         """`path`: the PATH the command sees (default: this one)."""
-        env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS="--xla_force_host_platform_device_count=8")
+        env = local.child_env(8)  # the session's XLA_FLAGS, 8 devices
         if path is not None:
             env["PATH"] = path
         return subprocess.run(VISTAX + list(args), cwd=cwd, env=env, capture_output=True,

@@ -22,6 +22,7 @@ import filelock
 import numpy as np
 import pytest
 
+from vistax.launch import local
 from vistax.train import init_from
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
@@ -41,8 +42,7 @@ def _flags(data_dir, workdir, **overrides):
 def _env(devices):
     """CPU devices per process; the test session's compilation cache, so that repeated
     programs are compiled once."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = local.child_env(devices)
     if os.environ.get("VISTAX_TEST_JAX_CACHE"):
         env.update(JAX_COMPILATION_CACHE_DIR=os.environ["VISTAX_TEST_JAX_CACHE"],
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
