@@ -10,12 +10,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # most of its time. The Perceiver `query` variant's initialiser compiles in 4.2 s instead of
 # 15-17 s. -O0 and -O1 compile as fast, but -O0 loses precision in exp/log (six closed-form
 # tests failed at rtol 1e-6); -O2 passes them all. A level already in XLA_FLAGS is kept.
-_XLA_FLAGS = {"--xla_force_host_platform_device_count": "8",
-              "--xla_backend_optimization_level": "2"}
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", "")]
-    + [f"{flag}={value}" for flag, value in _XLA_FLAGS.items()
-       if flag not in os.environ.get("XLA_FLAGS", "")]).strip()
+_xla_flags = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = " ".join([_xla_flags] + [
+    f"{flag}={value}" for flag, value in (("--xla_force_host_platform_device_count", 8),
+                                          ("--xla_backend_optimization_level", 2))
+    if flag not in _xla_flags]).strip()
 
 import tempfile  # noqa: E402
 

@@ -40,8 +40,8 @@ def _flags(data_dir, workdir, **overrides):
 
 
 def _env(devices):
-    """CPU devices per process; the test session's compilation cache, so that repeated
-    programs are compiled once."""
+    """CPU devices per process (the session's other XLA_FLAGS kept); the test session's
+    compilation cache, so that repeated programs are compiled once."""
     env = local.child_env(devices)
     if os.environ.get("VISTAX_TEST_JAX_CACHE"):
         env.update(JAX_COMPILATION_CACHE_DIR=os.environ["VISTAX_TEST_JAX_CACHE"],
