@@ -16,20 +16,21 @@ os.environ["XLA_FLAGS"] = " ".join([_xla_flags] + [
                                           ("--xla_backend_optimization_level", 2))
     if flag not in _xla_flags]).strip()
 
-import tempfile  # noqa: E402
+# A directory per test session, shared by pytest-xdist's workers: the first process to import
+# this file (xdist's controller) makes it and the workers inherit it through the environment.
+_SESSION_ENV = "VISTAX_TEST_SESSION_DIR"
+if not os.environ.get(_SESSION_ENV):
+    import tempfile
+    os.environ[_SESSION_ENV] = tempfile.mkdtemp(prefix="vistax-tests-")
+# Many tests build the same programs in fresh Experiments or `vistax` subprocesses; a persistent
+# compilation cache in the session directory compiles each distinct program once. It is set
+# through the environment before jax is imported, so the workers and every subprocess the tests
+# start (the CLI, multi-process runs) share it. A cache directory the user set is kept.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.environ[_SESSION_ENV], "jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
-import jax  # noqa: E402
 import pytest  # noqa: E402
-
-# Many tests build the same programs in fresh Experiments; a persistent compilation cache
-# (per test session) compiles each distinct program once. The directory is made by the first
-# process that imports this file (pytest-xdist's controller) and inherited through the
-# environment by its workers, so a program one worker compiled is read by the other.
-_CACHE_ENV = "VISTAX_TEST_JAX_CACHE"
-if not os.environ.get(_CACHE_ENV):
-    os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="vistax-jax-cache-")
-jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 @pytest.fixture(scope="session")

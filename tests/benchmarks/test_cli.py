@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from vistax.benchmarks import report
 from vistax.train import compile_options
 
@@ -21,6 +23,7 @@ def bench(*args, cwd):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_bench_one_tiny_case_writes_the_report(tmp_path, data_dir):
     path = str(tmp_path / "bench.json")
     result = bench("--cases=vit_tiny,checkpoint:vit_tiny", "--steps=2", "--warmup=1",

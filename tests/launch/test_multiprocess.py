@@ -29,6 +29,8 @@ CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.ab
     __file__)))), "configs", "vit.py")
 STEPS = 20
 
+pytestmark = pytest.mark.slow  # ~4 minutes of real processes; CI runs it (pytest -m slow)
+
 
 def _flags(data_dir, workdir, **overrides):
     config = {"input.data_dir": data_dir, "duration": f"{STEPS} steps", "log_every": "1 steps",
@@ -37,16 +39,6 @@ def _flags(data_dir, workdir, **overrides):
               "progress": "lines", **overrides}
     return [f"--config={CONFIG}:tiny", f"--workdir={workdir}"] + [
         f"--config.{key}={value}" for key, value in config.items()]
-
-
-def _env(devices):
-    """CPU devices per process (the session's other XLA_FLAGS kept); the test session's
-    compilation cache, so that repeated programs are compiled once."""
-    env = local.child_env(devices)
-    if os.environ.get("VISTAX_TEST_JAX_CACHE"):
-        env.update(JAX_COMPILATION_CACHE_DIR=os.environ["VISTAX_TEST_JAX_CACHE"],
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-    return env
 
 
 def _free_port() -> int:
@@ -70,7 +62,7 @@ class Run:
             dist = [] if processes == 1 else [f"--coordinator_address=127.0.0.1:{port}",
                                               f"--num_processes={processes}", f"--process_id={i}"]
             self.procs.append(subprocess.Popen(
-                _vistax(list(args) + dist + list(extra)), env=_env(8 // processes),
+                _vistax(list(args) + dist + list(extra)), env=local.child_env(8 // processes),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         self.lines = [[] for _ in self.procs]
         self._readers = [threading.Thread(target=self._read, args=(i,), daemon=True)
@@ -146,9 +138,9 @@ def _assert_same_params(a, b):
 def straight(data_dir):
     """Uninterrupted 20-step runs: {1: one process x 8 devices, 2: two processes x 4}.
 
-    Made once per test session, whichever pytest-xdist worker asks first (a file lock beside
-    the session's shared compilation cache); the other worker waits for it and reads it."""
-    root = os.environ["VISTAX_TEST_JAX_CACHE"] + "-multiprocess-reference"
+    Made once per test session, whichever pytest-xdist worker asks first (a file lock in the
+    session's shared directory); the other worker waits for it and reads it."""
+    root = os.path.join(os.environ["VISTAX_TEST_SESSION_DIR"], "multiprocess-reference")
     runs = {n: os.path.join(root, f"p{n}") for n in (1, 2)}
     with filelock.FileLock(root + ".lock"):
         done = os.path.join(root, "launcher_output.txt")

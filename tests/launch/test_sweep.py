@@ -611,6 +611,7 @@ def get_config(arg=None):
 """
 
 
+@pytest.mark.slow
 def test_sweep_end_to_end_then_skips_finished_points(tmp_path, data_dir, cli):
     (tmp_path / "lr_sweep.py").write_text(E2E_CONFIG.format(data_dir=data_dir))
     args = ["sweep", "--config=lr_sweep.py", "--workdir=S"]

@@ -162,7 +162,8 @@ def test_config_errors_name_the_key(small_config):
         clip.get_config("B/16")
 
 
-@pytest.mark.parametrize("module", [clip, siglip, coca], ids=["clip", "siglip", "coca"])
+@pytest.mark.parametrize("module", [clip, siglip, pytest.param(coca, marks=pytest.mark.slow)],
+                         ids=["clip", "siglip", "coca"])
 def test_a_run_reports_zero_shot_and_retrieval(small_config, module, tmp_path):
     workdir = str(tmp_path / "run")
     loop.train(small_config(module), workdir)

@@ -187,7 +187,8 @@ def test_center_and_teacher_update_after_the_step_in_order(data_dir):
     assert float(metrics["teacher_temp"]) == pytest.approx(0.07)
 
 
-@pytest.mark.parametrize("v2", [False, True], ids=["dino", "dinov2"])
+@pytest.mark.parametrize("v2", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["dino", "dinov2"])
 def test_sharded_dino_matches_one_device(data_dir, step_losses, v2):
     """Centering (and Sinkhorn, KoLeo, iBOT) reduce over the global batch: 8 devices (and a
     data x fsdp x tensor mesh, with ViT-g/14's SwiGLU feed-forward) give the losses of one

@@ -88,7 +88,8 @@ def multimodal_batch():
     return {"image": RNG.uniform(-1, 1, (16, 32, 32, 3)).astype(np.float32), "text": text}
 
 
-@pytest.mark.parametrize("preset", ["multimodal_tiny", "ar_tiny"])
+@pytest.mark.parametrize("preset", [pytest.param("multimodal_tiny", marks=pytest.mark.slow),
+                                    "ar_tiny"])
 def test_sharded_perceiver_matches_one_device(preset, data_dir, step_losses):
     """Data, FSDP and tensor parallelism (dp2 x fsdp2 x tp2) give the 1-device losses."""
     def config(**mesh):
