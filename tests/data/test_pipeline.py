@@ -73,6 +73,17 @@ def test_every_example_once_per_epoch_in_a_new_order(train, shapes_sizes, shapes
     np.testing.assert_array_equal(ids, [grains[i]["id"] for i in range(3 * n)])
 
 
+@pytest.mark.parametrize("seed, stream, index", [
+    (0, 1, 0), (0, 0, 0), (7, 1, 12345), (2**32 - 1, 2, 2**32 - 1), (3, 1, 2**32),
+    (2**32, 1, 5), (2**40 + 3, 2, 2**63 - 1)])
+def test_element_generators_are_default_rng_of_seed_stream_index(seed, stream, index):
+    """The fast path (one uint32 array) seeds exactly as the list does, on both sides of 2**32."""
+    # pylint: disable-next=protected-access
+    got, want = pipeline._rng(seed, stream, index), np.random.default_rng([seed, stream, index])
+    np.testing.assert_array_equal(got.integers(0, 2**63, 16), want.integers(0, 2**63, 16))
+    assert got.random() == want.random()
+
+
 def test_augmentation_differs_between_epochs(train, shapes_sizes):
     n = shapes_sizes["num_train"]
     batches = _take(train(pp=AUGMENT + "|keep('image', 'id')"), 2 * n // 16)
