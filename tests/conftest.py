@@ -30,7 +30,17 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(os.environ[_SESSION_ENV], "jax-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def vistax_command() -> list[str]:
+    """The `vistax` command as tests start it in a subprocess: the console script installed
+    beside this Python, else the module (a checkout used without installing)."""
+    script = os.path.join(os.path.dirname(sys.executable), "vistax")
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "vistax.launch.cli"]
 
 
 @pytest.fixture(scope="session")

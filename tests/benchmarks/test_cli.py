@@ -11,20 +11,22 @@ import pytest
 from vistax.benchmarks import report
 from vistax.train import compile_options
 
-_SCRIPT = os.path.join(os.path.dirname(sys.executable), "vistax")
-VISTAX = [_SCRIPT] if os.path.exists(_SCRIPT) else [sys.executable, "-m", "vistax.launch.cli"]
-
-
-def bench(*args, cwd):
-    env = {k: v for k, v in os.environ.items()  # one CPU device, the CLI's malloc settings
+@pytest.fixture
+def bench(vistax_command):
+    """bench(*args, cwd) -> `vistax bench *args` run on one CPU device with the CLI's own
+    malloc settings."""
+    env = {k: v for k, v in os.environ.items()
            if k not in ("XLA_FLAGS", "GLIBC_TUNABLES", "VISTAX_MALLOC_TUNING")}
     env["JAX_PLATFORMS"] = "cpu"
-    return subprocess.run(VISTAX + ["bench", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+
+    def run(*args, cwd):
+        return subprocess.run(vistax_command + ["bench", *args], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=300)
+    return run
 
 
 @pytest.mark.slow
-def test_bench_one_tiny_case_writes_the_report(tmp_path, data_dir):
+def test_bench_one_tiny_case_writes_the_report(bench, tmp_path, data_dir):
     path = str(tmp_path / "bench.json")
     result = bench("--cases=vit_tiny,checkpoint:vit_tiny", "--steps=2", "--warmup=1",
                    "--peak_size=128", f"--data_dir={data_dir}", f"--json={path}",
@@ -56,13 +58,13 @@ def test_bench_one_tiny_case_writes_the_report(tmp_path, data_dir):
     assert f"wrote {path}" in result.stdout
 
 
-def test_unknown_case_is_a_usage_error(tmp_path):
+def test_unknown_case_is_a_usage_error(bench, tmp_path):
     result = bench("--cases=vit_huge", cwd=str(tmp_path))
     assert result.returncode != 0
     assert "unknown case 'vit_huge'" in result.stderr
 
 
-def test_accelerator_cases_are_a_usage_error_on_cpu(tmp_path):
+def test_accelerator_cases_are_a_usage_error_on_cpu(bench, tmp_path):
     result = bench("--cases=accelerator", cwd=str(tmp_path))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "are sized for a GPU/TPU chip" in result.stderr

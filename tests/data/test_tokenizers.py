@@ -8,7 +8,6 @@ import os
 import pickle
 import random
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,9 +15,6 @@ import sentencepiece as spm
 
 from vistax.data import preprocess, tokenizers
 from vistax.data.builders import shapes
-
-_SCRIPT = os.path.join(os.path.dirname(sys.executable), "vistax")
-VISTAX = [_SCRIPT] if os.path.exists(_SCRIPT) else [sys.executable, "-m", "vistax.launch.cli"]
 
 # Texts whose ids must equal the reference's: punctuation, digits, contractions in any case,
 # accents and other scripts, HTML entities (escaped twice), mojibake ftfy repairs, emoji
@@ -216,17 +212,21 @@ def test_train_sentencepiece_refuses_an_existing_file(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["taken.model"]
 
 
-def _vistax(*args, cwd):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run(VISTAX + list(args), cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+@pytest.fixture
+def vistax(vistax_command):
+    """vistax(*args, cwd) -> the `vistax` command's result, run on the CPU."""
+    def run(*args, cwd):
+        return subprocess.run(vistax_command + list(args), cwd=cwd,
+                              env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                              text=True, timeout=300)
+    return run
 
 
-def test_vistax_tokenizer_trains_on_shapes_captions(shapes_dir, tmp_path):
+def test_vistax_tokenizer_trains_on_shapes_captions(vistax, shapes_dir, tmp_path):
     out = tmp_path / "models" / "shapes.model"
     args = ["tokenizer", f"--dataset={shapes_dir}", "--split=train", "--field=caption",
             "--vocab_size=256", f"--out={out}"]
-    result = _vistax(*args, cwd=str(tmp_path))
+    result = vistax(*args, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"wrote {out}" in result.stdout and "trained on 240 texts" in result.stdout
     tok = tokenizers.get(f"sentencepiece:{out}")
@@ -240,12 +240,12 @@ def test_vistax_tokenizer_trains_on_shapes_captions(shapes_dir, tmp_path):
     assert np.mean(np.argmax(rows == tok.eos_id, axis=1)) < np.mean([len(c) for c in captions]) / 2
     # A second run refuses to overwrite, naming the file, and leaves it as it was.
     before = out.read_bytes()
-    again = _vistax(*args, cwd=str(tmp_path))
+    again = vistax(*args, cwd=str(tmp_path))
     assert again.returncode != 0 and "refusing to overwrite" in again.stderr
     assert str(out) in again.stderr
     assert out.read_bytes() == before
     assert os.listdir(out.parent) == ["shapes.model"]  # no temporary left behind
-    bad = _vistax("tokenizer", f"--dataset={shapes_dir}", "--field=label", "--vocab_size=64",
+    bad = vistax("tokenizer", f"--dataset={shapes_dir}", "--field=label", "--vocab_size=64",
                   f"--out={tmp_path / 'other.model'}", cwd=str(tmp_path))
     assert bad.returncode != 0 and "no text field 'label'" in bad.stderr
     assert not (tmp_path / "other.model").exists()

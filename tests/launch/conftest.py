@@ -10,18 +10,17 @@ import pytest
 
 from vistax.launch import local
 
-_SCRIPT = os.path.join(os.path.dirname(sys.executable), "vistax")
-VISTAX = [_SCRIPT] if os.path.exists(_SCRIPT) else [sys.executable, "-m", "vistax.launch.cli"]
-
 
 class Cli:
-    @staticmethod
-    def run(*args, cwd, timeout=300, path=None) -> subprocess.CompletedProcess:
+    def __init__(self, command: list[str]):
+        self.command = command
+
+    def run(self, *args, cwd, timeout=300, path=None) -> subprocess.CompletedProcess:
         """`path`: the PATH the command sees (default: this one)."""
         env = local.child_env(8)  # the session's XLA_FLAGS, 8 devices
         if path is not None:
             env["PATH"] = path
-        return subprocess.run(VISTAX + list(args), cwd=cwd, env=env, capture_output=True,
+        return subprocess.run(self.command + list(args), cwd=cwd, env=env, capture_output=True,
                               text=True, timeout=timeout)
 
     @staticmethod
@@ -32,8 +31,8 @@ class Cli:
 
 
 @pytest.fixture(scope="session")
-def cli() -> Cli:
-    return Cli()
+def cli(vistax_command) -> Cli:
+    return Cli(vistax_command)
 
 
 class StandIns:
