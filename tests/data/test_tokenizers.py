@@ -246,7 +246,7 @@ def test_vistax_tokenizer_trains_on_shapes_captions(vistax, shapes_dir, tmp_path
     assert out.read_bytes() == before
     assert os.listdir(out.parent) == ["shapes.model"]  # no temporary left behind
     bad = vistax("tokenizer", f"--dataset={shapes_dir}", "--field=label", "--vocab_size=64",
-                  f"--out={tmp_path / 'other.model'}", cwd=str(tmp_path))
+                 f"--out={tmp_path / 'other.model'}", cwd=str(tmp_path))
     assert bad.returncode != 0 and "no text field 'label'" in bad.stderr
     assert not (tmp_path / "other.model").exists()
 
