@@ -66,7 +66,7 @@ class DINOHead(nnx.Module):
         for i, dense in enumerate(self.mlp):
             x = dense(x)
             if i < len(self.mlp) - 1:
-                x = layers.constrain(jax.nn.gelu(x, approximate=False),
+                x = layers.constrain(layers.gelu(x),
                                      ("batch",) + lead + ("act_mlp",))
         return self.last_layer(layers.l2_normalize(x))
 

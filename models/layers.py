@@ -125,9 +125,23 @@ def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, x * Phi(x) = x/2 * (1 + erf(x / sqrt(2))) (Hendrycks & Gimpel 2016, Eq. 1).
+
+    Written with erf, as PyTorch's `F.gelu` computes it, rather than `jax.nn.gelu`'s
+    x/2 * erfc(-x / sqrt(2)): XLA's float32 erf is one rational polynomial, its erfc an
+    exponential and piecewise polynomials with selects. On 2 CPU cores, forward + backward of
+    a (64, 50, 1536) activation take 1.9 + 3.6 ms instead of 4.9 + 8.2 ms; in ViT-S/16's train
+    step at 112 px the erfc form's three fusions per layer took ~10% of the step. The cost is
+    the negative tail, where 1 + erf cancels: over [-10, 10] the values are within 1.1e-6 of
+    the float64 function (erfc: 3.9e-7) and the derivative within 2e-7 (1.2e-7).
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(1.0 / np.sqrt(2.0), x.dtype)))
+
+
 # Exact GELU (ViT, open_clip's default), its tanh approximation (big_vision's default), QuickGELU.
 ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "quick_gelu": quick_gelu,
 }

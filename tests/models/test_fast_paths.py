@@ -206,3 +206,24 @@ def test_gpu_path_through_dot_product_attention_gives_the_same_outputs(monkeypat
     monkeypatch.setattr(layers, "fused_attention_backend", lambda: True)
     np.testing.assert_allclose(attn(x, is_causal=True), cpu_self, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(attn(x, kv), cpu_cross, rtol=1e-5, atol=1e-6)
+
+
+def test_gelu_is_the_exact_gelu_through_erf():
+    """`layers.gelu` is x * Phi(x) (values and derivative against float64) and compiles to
+    erf's polynomial, without the exponential and selects of `jax.nn.gelu`'s erfc form."""
+    import math
+
+    x = np.linspace(-10.0, 10.0, 20001, dtype=np.float32)
+    x64 = x.astype(np.float64)
+    phi = 0.5 * (1.0 + np.vectorize(math.erf)(x64 / math.sqrt(2.0)))
+    density = np.exp(-0.5 * x64 ** 2) / math.sqrt(2.0 * math.pi)
+    got = np.asarray(jax.jit(layers.gelu)(x), np.float64)
+    np.testing.assert_allclose(got, x64 * phi, rtol=0, atol=1.5e-6)
+    near = x > -1  # away from the negative tail, where 1 + erf cancels
+    np.testing.assert_allclose(got[near], (x64 * phi)[near], rtol=2e-6, atol=1e-7)
+    grad = np.asarray(jax.jit(jax.vmap(jax.grad(layers.gelu)))(x), np.float64)
+    np.testing.assert_allclose(grad, phi + x64 * density, rtol=0, atol=3e-7)
+    np.testing.assert_allclose(got, np.asarray(jax.nn.gelu(x, approximate=False)), atol=1.5e-6)
+    assert layers.ACTIVATIONS["gelu"] is layers.gelu
+    compiled = jax.jit(layers.gelu).lower(jnp.ones((4, 8))).compile().as_text()
+    assert "exponential" not in compiled and "select" not in compiled

@@ -74,10 +74,15 @@ def test_remat_changes_memory_not_gradients():
             return jnp.sum(nnx.merge(graphdef, p)(images())[0] ** 2)
         return jax.grad(loss)(params)
 
+    def close(x, y):
+        # Recomputed blocks fuse erf (layers.gelu) into other kernels, which round it a few
+        # ulps apart; the absolute slack is relative to the leaf's scale (the cls token's
+        # gradient reaches ~1500), so float32 rounding passes and a wrong recomputation not.
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(y).max())))
+
     ref = grads("none")
     for policy in ("full", "dots", "dots_no_batch"):
-        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
-                     ref, grads(policy))
+        jax.tree.map(close, ref, grads(policy))
 
 
 def test_bfloat16_compute_keeps_float32_parameters():
