@@ -174,8 +174,10 @@ def test_two_processes_train_like_one(straight):
     assert sorted(loss2) == list(range(1, STEPS + 1))
     # The same examples in every global batch (the processes interleave them), so the same
     # losses up to float32 summation order (gloo's cross-process all-reduce against the
-    # in-process one), over all 20 AdamW steps: the largest drift seen is 1.6e-5, at step 16.
-    np.testing.assert_allclose([loss2[s] for s in loss1], list(loss1.values()), rtol=3e-5)
+    # in-process one), over all 20 AdamW steps, which amplify it: the largest drift seen is
+    # 1.6e-5 with jax.nn.gelu's erfc and 3.0e-5 with layers.gelu's erf, both at step 16. Other
+    # examples in a batch would move the loss by ~1e-2 (the spread of consecutive steps).
+    np.testing.assert_allclose([loss2[s] for s in loss1], list(loss1.values()), rtol=1e-4)
     assert loss2[STEPS] < 0.95 * loss2[1]  # and it learns
     evals2 = [r for r in _rows(two) if "eval/test/num_examples" in r]
     assert evals2[-1]["eval/test/num_examples"] == 359  # each test example counted once
